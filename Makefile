@@ -1,0 +1,47 @@
+# ApexBridge hub — `make run` and `make test` are the whole set-up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test install browser lint format migrate clean bench fuzz soak
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+migrate: install
+	$(PY) manage.py migrate --noinput
+
+run: migrate
+	$(PY) manage.py hub_setup --host $(HOST) --port $(PORT)
+	$(PY) -m daphne -b $(HOST) -p $(PORT) --websocket_timeout -1 --ping-interval 20 --ping-timeout 30 \
+		apexbridge.asgi:application
+
+# Debian's chromium + chromium-driver for the browser tests (root only; skipped otherwise).
+browser:
+	@if ! command -v chromedriver >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium and chromium-driver for the browser tests"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+			|| echo "could not install chromium: browser tests will be skipped"; \
+	fi
+
+test: install browser
+	bash scripts/run-tests.sh
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf $(VENV) db.sqlite3* var/ .pytest_cache artifacts/

@@ -1,0 +1,90 @@
+"""Node keys: creation, hashing and constant-time checking (PROTOCOL §1).
+
+A per-node key looks like ``abk_<prefix>_<secret>``: URL-safe, so nodes can put it
+in the WebSocket path unescaped. Only the SHA-256 of the whole key is stored (the
+secret is 256 random bits, so a slow password hash buys nothing); the prefix finds
+the row. The shared ``APEXBRIDGE_VCP_KEY`` is compared in constant time too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.utils import timezone
+
+from nodes.models import NodeKey
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "abk"
+_DUMMY_HASH = hashlib.sha256(b"apexbridge-no-such-key").hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyIdentity:
+    """Who a connection authenticated as, and what the key allows it to register."""
+
+    kind: str  # "shared" or "node"
+    key_id: int | None = None
+    name: str = ""
+    node_id: str = ""
+    capabilities: tuple[str, ...] = field(default_factory=tuple)
+
+    def describe(self) -> str:
+        return "shared key" if self.kind == "shared" else f"node key {self.name!r} (#{self.key_id})"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def node_key_create(*, name: str, node_id: str = "", capabilities: list[str] | None = None) -> tuple[NodeKey, str]:
+    """Create a key; returns the row and the plain key, which is never stored."""
+    prefix = secrets.token_hex(4)
+    while NodeKey.objects.filter(prefix=prefix).exists():
+        prefix = secrets.token_hex(4)
+    plain = f"{KEY_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
+    key = NodeKey.objects.create(
+        name=name, prefix=prefix, key_hash=hash_key(plain), node_id=node_id, capabilities=capabilities or []
+    )
+    logger.info("created node key %r (prefix %s)", name, prefix)
+    return key, plain
+
+
+def node_key_revoke(*, key: NodeKey) -> bool:
+    """Revoke a key; returns False when it was already revoked."""
+    updated = NodeKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    if updated:
+        logger.info("revoked node key %r (prefix %s)", key.name, key.prefix)
+    return bool(updated)
+
+
+def authenticate_key(presented: str | None) -> KeyIdentity | None:
+    """Return the identity for a presented key, or None. Never logs the key."""
+    if not presented or len(presented) > 512:
+        return None
+    shared = settings.APEXBRIDGE_VCP_KEY
+    if shared and hmac.compare_digest(presented.encode(), shared.encode()):
+        return KeyIdentity(kind="shared", name="shared")
+    parts = presented.split("_", 2)
+    row = None
+    if len(parts) == 3 and parts[0] == KEY_PREFIX:
+        row = NodeKey.objects.filter(prefix=parts[1]).first()
+    # Compare even when no row matched, so timing does not tell which prefixes exist.
+    stored = row.key_hash if row is not None else _DUMMY_HASH
+    matches = hmac.compare_digest(hash_key(presented), stored)
+    if row is None or not matches or row.revoked_at is not None:
+        return None
+    NodeKey.objects.filter(pk=row.pk).update(last_used_at=timezone.now())
+    return KeyIdentity(
+        kind="node",
+        key_id=row.pk,
+        name=row.name,
+        node_id=row.node_id,
+        capabilities=tuple(row.capabilities or ()),
+    )

@@ -1,0 +1,359 @@
+"""The node WebSocket wire format (PROTOCOL §1–3): message types, payload schemas,
+error codes, close codes and the camelCase <-> snake_case edge.
+
+Nothing else builds a wire frame by hand: use ``frame()`` and the ``*_data`` helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic.alias_generators import to_camel
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def dt_ms(value) -> int | None:
+    """A datetime as integer milliseconds since the epoch (the wire's timestamp form)."""
+    return None if value is None else int(value.timestamp() * 1000)
+
+
+# --- codes -----------------------------------------------------------------------
+class ErrorCode:
+    INVALID_JSON = "invalid_json"
+    INVALID_MESSAGE = "invalid_message"
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID_PAYLOAD = "invalid_payload"
+    NOT_REGISTERED = "not_registered"
+    NODE_MISMATCH = "node_mismatch"
+    FORBIDDEN = "forbidden"
+    NODE_LIMIT_REACHED = "node_limit_reached"
+    UNKNOWN_TASK = "unknown_task"
+    STALE_RESULT = "stale_result"
+    INTERNAL_ERROR = "internal_error"
+
+
+class CloseCode:
+    REPLACED = 4000
+    UNREGISTERED_BY_ADMIN = 4003
+    POLICY_VIOLATION = 4008
+    MESSAGE_TOO_BIG = 4009
+
+
+class ProtocolError(Exception):
+    """A failure that becomes one reply frame (see ``NodeConsumer.reply_error``)."""
+
+    def __init__(self, code: str, message: str, details: dict | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+    def as_error(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            error["details"] = self.details
+        return error
+
+
+# Messages whose failures are answered with their own reply type (PROTOCOL §1.1);
+# the others are answered with a plain ``error`` frame.
+REPLY_TYPES: dict[str, str] = {
+    "node_register": "node_registered",
+    "heartbeat": "heartbeat_ack",
+    "node_unregister": "node_unregistered",
+    "register_tools": "register_ack",
+    "task_result": "task_result_ack",
+    "llm_request": "llm_response",
+}
+
+# Fields echoed from the request into a failure reply, so the node can match it.
+ECHO_FIELDS = ("nodeId", "taskId", "requestId")
+
+# Messages a connection may send before ``node_register`` (VCP nodes never register).
+PRE_REGISTRATION_TYPES = frozenset(
+    {"node_register", "register_tools", "ping", "report_ip", "update_static_placeholders"}
+)
+
+
+def frame(message_type: str, data: dict[str, Any]) -> str:
+    return json.dumps({"type": message_type, "data": data}, separators=(",", ":"), default=str)
+
+
+def error_frame(code: str, message: str) -> str:
+    return frame("error", {"code": code, "message": message, "timestamp": now_ms()})
+
+
+def failure_data(request: dict[str, Any] | None, error: ProtocolError) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    if isinstance(request, dict):
+        for name in ECHO_FIELDS:
+            if isinstance(request.get(name), (str, int)):
+                data[name] = request[name]
+    data.update({"success": False, "error": error.as_error(), "timestamp": now_ms()})
+    return data
+
+
+def parse_envelope(text: str) -> tuple[str, dict[str, Any]]:
+    """Parse a text frame into (type, data), raising ProtocolError as §1.1 says."""
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError(ErrorCode.INVALID_JSON, "Frame is not valid JSON") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Frame must be a JSON object")
+    message_type = message.get("type")
+    if not isinstance(message_type, str) or not message_type:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Frame needs a string 'type'")
+    data = message.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "'data' must be a JSON object")
+    return message_type, data
+
+
+# --- payload schemas ---------------------------------------------------------------
+NodeIdStr = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
+ShortStr = Annotated[str, StringConstraints(max_length=256)]
+NameStr = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class WireModel(BaseModel):
+    """camelCase on the wire, snake_case in Python, strict types, unknown fields ignored."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, strict=True, extra="ignore"
+    )
+
+
+class Resources(WireModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, strict=False, extra="allow"
+    )
+    cpu: float | None = None
+    memory: float | None = None
+    disk: float | None = None
+
+
+class TasksConfig(WireModel):
+    max_concurrent: int | None = Field(default=None, ge=1, le=10000)
+
+
+class NodeConfig(WireModel):
+    max_concurrent_tasks: int | None = Field(default=None, ge=1, le=10000)
+    tasks: TasksConfig | None = None
+    resources: Resources | None = None
+    metadata: dict[str, Any] | None = None
+    tags: list[ShortStr] | None = Field(default=None, max_length=64)
+
+
+class NodeRegisterPayload(WireModel):
+    node_id: NodeIdStr | None = None
+    name: NameStr
+    type: Literal["worker", "companion"] = "worker"
+    version: ShortStr | None = None
+    capabilities: list[ShortStr] = Field(max_length=1000)
+    tools: list[ShortStr] | None = Field(default=None, max_length=5000)
+    personality: dict[str, Any] | None = None
+    endpoint: Annotated[str, StringConstraints(max_length=512)] | None = None
+    config: NodeConfig | None = None
+
+    @property
+    def max_concurrent_tasks(self) -> int:
+        if self.config is None:
+            return 1
+        if self.config.max_concurrent_tasks is not None:
+            return self.config.max_concurrent_tasks
+        if self.config.tasks is not None and self.config.tasks.max_concurrent is not None:
+            return self.config.tasks.max_concurrent
+        return 1
+
+
+class HeartbeatStats(WireModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, strict=False, extra="allow"
+    )
+    active_tasks: int | None = None
+    completed_tasks: int | None = None
+    failed_tasks: int | None = None
+
+
+class HeartbeatPayload(WireModel):
+    node_id: str | None = None
+    status: Literal["online", "busy"] | None = None
+    stats: HeartbeatStats | None = None
+    resources: Resources | None = None
+
+
+class NodeUnregisterPayload(WireModel):
+    node_id: str | None = None
+    reason: Annotated[str, StringConstraints(max_length=512)] | None = None
+
+
+class ToolManifest(BaseModel):
+    """A VCP tool manifest. Only these fields are kept: the rest (``basePath``,
+    ``pluginSpecificEnvConfig``…) is local to the node and may hold secrets."""
+
+    model_config = ConfigDict(extra="ignore", strict=False)
+    name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    displayName: str | None = None  # noqa: N815 (VCP's own field name)
+    description: str | None = None
+    pluginType: str | None = None  # noqa: N815
+    capabilities: Any = None
+    invocationCommands: Any = None  # noqa: N815
+
+    def kept(self) -> dict[str, Any]:
+        data = self.model_dump(exclude_none=True)
+        # VCP puts invocation commands under capabilities.invocationCommands.
+        capabilities = data.pop("capabilities", None)
+        if isinstance(capabilities, dict) and "invocationCommands" in capabilities:
+            data.setdefault("invocationCommands", capabilities["invocationCommands"])
+        return data
+
+
+class RegisterToolsPayload(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    serverName: Annotated[str, StringConstraints(max_length=128)] | None = None  # noqa: N815
+    tools: list[ToolManifest | Annotated[str, StringConstraints(min_length=1, max_length=256)]] = Field(
+        max_length=5000
+    )
+
+    def manifests(self) -> list[dict[str, Any]]:
+        result = []
+        for tool in self.tools:
+            result.append({"name": tool} if isinstance(tool, str) else tool.kept())
+        return result
+
+
+class UnregisterToolsPayload(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    tools: list[str] = Field(max_length=5000)
+
+
+class ReportIpPayload(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    serverName: str | None = None  # noqa: N815
+    localIPs: list[Annotated[str, StringConstraints(max_length=64)]] | None = Field(  # noqa: N815
+        default=None, max_length=64
+    )
+    publicIP: Annotated[str, StringConstraints(max_length=64)] | None = None  # noqa: N815
+
+
+class NodeLogPayload(WireModel):
+    node_id: str | None = None
+    level: Literal["debug", "info", "warn", "warning", "error"] = "info"
+    message: Annotated[str, StringConstraints(max_length=10000)]
+    context: dict[str, Any] | None = None
+
+
+class TaskResultError(WireModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+    code: str = "tool_error"
+    message: str = ""
+    details: Any = None
+    retryable: bool = False
+
+
+class TaskResultPayload(WireModel):
+    task_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    node_id: str | None = None
+    success: bool
+    result: Any = None
+    error: TaskResultError | None = None
+    execution_time: int | None = Field(default=None, ge=0)
+    attempt: int | None = None
+
+
+class ToolResultPayload(BaseModel):
+    """VCP's ``tool_result``: ``error`` may be a plain string."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    requestId: Annotated[str, StringConstraints(min_length=1, max_length=64)]  # noqa: N815
+    status: Literal["success", "error"]
+    result: Any = None
+    error: Any = None
+
+
+def validate(schema: type[BaseModel], data: dict[str, Any]):
+    """Validate a payload, turning pydantic's errors into one ``invalid_payload``."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(part) for part in err["loc"]) or "data"
+            problems.append(f"{where}: {err['msg']}")
+        raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "; ".join(problems)) from None
+
+
+# --- outgoing data ------------------------------------------------------------------
+def node_info_data(node) -> dict[str, Any]:
+    """NodeInfo (seed §2.1 + PROTOCOL §2) as sent in events and the admin API."""
+    average = (
+        round(node.total_response_time_ms / node.completed_tasks, 1) if node.completed_tasks else 0
+    )
+    return {
+        "id": node.node_id,
+        "nodeId": node.node_id,
+        "name": node.name,
+        "type": node.type,
+        "version": node.version or None,
+        "protocol": node.protocol,
+        "status": node.status,
+        "registeredAt": dt_ms(node.registered_at),
+        "lastHeartbeat": dt_ms(node.last_heartbeat),
+        "lastSeen": dt_ms(node.last_seen),
+        "capabilities": list(node.capabilities or []),
+        "tools": list(node.tools or []),
+        "personality": node.personality,
+        "endpoint": node.endpoint or None,
+        "ips": node.ips or {},
+        "config": {
+            "maxConcurrentTasks": node.max_concurrent_tasks,
+            "resources": node.resources or {},
+            "metadata": node.metadata or {},
+            "tags": list(node.tags or []),
+        },
+        "draining": node.draining,
+        "connected": bool(node.connection_id),
+        "stats": {
+            "totalTasks": node.total_tasks,
+            "completedTasks": node.completed_tasks,
+            "failedTasks": node.failed_tasks,
+            "averageResponseTime": average,
+            "reported": node.reported_stats or {},
+            "resources": node.reported_resources or {},
+        },
+    }
+
+
+def task_data(task) -> dict[str, Any]:
+    """A task as sent in events and the task API (PROTOCOL §3.1 names)."""
+    return {
+        "taskId": task.task_id,
+        "toolName": task.tool_name,
+        "toolArgs": task.tool_args,
+        "capability": task.capability or None,
+        "nodeId": task.node_id or None,
+        "priority": task.priority,
+        "timeout": task.timeout_ms,
+        "maxRetries": task.max_retries,
+        "attempts": task.attempts,
+        "assignedNodeId": task.assigned_node_id or None,
+        "status": task.status,
+        "result": task.result,
+        "error": task.error,
+        "executionTime": task.execution_time_ms,
+        "waitingReason": task.waiting_reason or None,
+        "idempotencyKey": task.idempotency_key,
+        "dependsOn": list(task.depends_on or []),
+        "createdAt": dt_ms(task.created_at),
+        "assignedAt": dt_ms(task.assigned_at),
+        "finishedAt": dt_ms(task.finished_at),
+    }

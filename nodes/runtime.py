@@ -1,0 +1,168 @@
+"""Per-process background work of a hub process.
+
+Daphne has no ASGI lifespan, so the loops start lazily with the first WebSocket
+connection of the process (``ensure_started``). They are:
+
+- the heartbeat flush: heartbeats are buffered in memory and written in one
+  coalesced batch every ``APEXBRIDGE_HEARTBEAT_FLUSH_MS`` (no write per heartbeat);
+- the sweep, every ``APEXBRIDGE_HEARTBEAT_SWEEP_MS``: this process's beat, dead
+  processes, heartbeat time-outs, task time-outs, queued-task dispatch.
+
+Several processes run the same sweep; every step is a conditional update, so the
+effects happen once. The buffer here is process-local on purpose: it only holds
+what this process's own sockets said, until the next flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from datetime import UTC, datetime
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from nodes import services
+
+logger = logging.getLogger(__name__)
+
+
+class HubRuntime:
+    def __init__(self) -> None:
+        self.process_id = f"hub-{socket.gethostname()[:20]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._buffer: dict[str, services.HeartbeatRecord] = {}
+        # VCP nodes send no heartbeat: an open socket of this process is their liveness.
+        self.vcp_connections: dict[str, str] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started_once = False
+        self._last_log_prune = 0.0
+
+    # --- heartbeats ---------------------------------------------------------------------
+    def record_heartbeat(
+        self, node_id: str, connection_id: str, stats: dict | None = None, resources: dict | None = None
+    ) -> None:
+        previous = self._buffer.get(node_id)
+        record = services.HeartbeatRecord(
+            node_id=node_id, connection_id=connection_id, at=datetime.now(UTC), stats=stats, resources=resources
+        )
+        if previous is not None and previous.connection_id == connection_id:
+            record.stats = stats if stats is not None else previous.stats
+            record.resources = resources if resources is not None else previous.resources
+        self._buffer[node_id] = record
+
+    def forget(self, node_id: str) -> None:
+        self._buffer.pop(node_id, None)
+        self.vcp_connections.pop(node_id, None)
+
+    async def flush_heartbeats(self) -> list[str]:
+        now = datetime.now(UTC)
+        for node_id, connection_id in self.vcp_connections.items():
+            if node_id not in self._buffer:
+                self._buffer[node_id] = services.HeartbeatRecord(node_id, connection_id, now)
+        if not self._buffer:
+            return []
+        records, self._buffer = list(self._buffer.values()), {}
+        try:
+            revived = await database_sync_to_async(services.node_flush_heartbeats)(records)
+        except Exception:
+            # Keep the newest record per node for the next try; nothing is lost.
+            for record in records:
+                self._buffer.setdefault(record.node_id, record)
+            raise
+        if revived:
+            await self.dispatch()
+        return revived
+
+    # --- sweep -------------------------------------------------------------------------
+    def _sweep_sync(self, first: bool) -> list[tuple[str, dict]]:
+        """One pass of every periodic duty; returns channel messages to send."""
+        from nodes import task_services
+
+        services.process_beat(process_id=self.process_id, hostname=socket.gethostname(), pid=os.getpid())
+        single_process = not settings.REDIS_URL
+        services.process_reap(current_process_id=self.process_id, everyone_else_is_dead=first and single_process)
+        outgoing: list[tuple[str, dict]] = []
+        for node_id, channel_name in services.node_sweep_heartbeat_timeouts():
+            if channel_name:
+                outgoing.append((channel_name, {"type": "node.status", "nodeId": node_id, "status": "offline"}))
+        outgoing.extend(task_services.task_sweep_timeouts())
+        outgoing.extend(task_services.task_dispatch_pending())
+        if time.monotonic() - self._last_log_prune > 60:
+            self._last_log_prune = time.monotonic()
+            services.node_logs_prune()
+        return outgoing
+
+    async def sweep(self, first: bool = False) -> None:
+        outgoing = await database_sync_to_async(self._sweep_sync)(first)
+        await send_all(outgoing)
+
+    async def dispatch(self) -> None:
+        """Hand queued tasks to eligible nodes now (after a change that may allow it)."""
+        from nodes import task_services
+
+        outgoing = await database_sync_to_async(task_services.task_dispatch_pending)()
+        await send_all(outgoing)
+
+    # --- loops -------------------------------------------------------------------------
+    def ensure_started(self) -> None:
+        if not getattr(settings, "APEXBRIDGE_BACKGROUND_LOOPS", True):
+            return
+        loop = asyncio.get_running_loop()
+        if self._loop is loop and self._tasks and not all(t.done() for t in self._tasks):
+            return
+        self._loop = loop
+        first = not self._started_once
+        self._started_once = True
+        self._tasks = [
+            loop.create_task(self._run_every(settings.APEXBRIDGE_HEARTBEAT_FLUSH_MS, self.flush_heartbeats)),
+            loop.create_task(self._run_sweeps(first)),
+        ]
+        logger.info("hub process %s: background loops started", self.process_id)
+
+    async def _run_sweeps(self, first: bool) -> None:
+        try:
+            await self.sweep(first=first)
+        except Exception:
+            logger.exception("first sweep failed")
+        await self._run_every(settings.APEXBRIDGE_HEARTBEAT_SWEEP_MS, self.sweep)
+
+    async def _run_every(self, interval_ms: int, step) -> None:
+        while True:
+            await asyncio.sleep(interval_ms / 1000)
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("background step %s failed; will retry", getattr(step, "__name__", step))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: S110 - stopping anyway
+                pass
+        self._tasks = []
+
+
+async def send_all(outgoing: list[tuple[str, dict]]) -> None:
+    if not outgoing:
+        return
+    layer = get_channel_layer()
+    for channel_name, message in outgoing:
+        try:
+            await layer.send(channel_name, message)
+        except Exception:
+            # At-most-once by design: the task's own time-out will re-deliver it.
+            logger.warning("could not notify %s (%s)", channel_name, message.get("type"), exc_info=True)
+
+
+runtime = HubRuntime()

@@ -1,0 +1,397 @@
+"""Node registry services (PROTOCOL §2): registration, status, liveness, unregistration,
+tools and logs. Every write happens here, in one transaction per unit of work, and
+events are published after commit.
+
+Liveness writes are conditional (``… WHERE connection_id = mine``, ``… WHERE status
+<> 'offline' AND last_heartbeat < cutoff``) so several hub processes can run the same
+sweeps at once without double effects.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count
+from django.utils import timezone
+
+from nodes import events
+from nodes.auth import KeyIdentity
+from nodes.models import HubProcess, Node, NodeLog, NodeProtocol, NodeStatus
+from nodes.protocol import ErrorCode, NodeRegisterPayload, ProtocolError, node_info_data
+
+logger = logging.getLogger(__name__)
+
+LIVE_STATUSES = (NodeStatus.ONLINE, NodeStatus.BUSY, NodeStatus.UNKNOWN)
+
+
+@dataclass
+class Connection:
+    """Where a node is connected: identifies the socket across hub processes."""
+
+    connection_id: str
+    channel_name: str
+    process_id: str
+
+
+@dataclass
+class RegistrationResult:
+    node: Node
+    created: bool
+    replaced_channel_name: str  # the older connection to close with 4000, if any
+
+
+def _requeue_attempts(node_id: str, *, connection_id: str | None, reason: str) -> None:
+    # Imported here: task services import this module too.
+    from nodes.task_services import task_release_node_attempts
+
+    task_release_node_attempts(node_id=node_id, connection_id=connection_id, reason=reason)
+
+
+def node_log_add(
+    *, node_id: str, message: str, level: str = "info", event: str = "hub", context: dict | None = None
+) -> None:
+    NodeLog.objects.create(
+        node_id=node_id, level=level, event=event, message=message[:10000], context=context or {}
+    )
+
+
+def _publish_status(node_id: str, old: str, new: str) -> None:
+    if old != new:
+        events.publish("node_status_changed", {"nodeId": node_id, "oldStatus": old, "newStatus": new})
+
+
+def _check_key_allows(identity: KeyIdentity, node_id: str | None, capabilities: list[str]) -> None:
+    if identity.node_id and node_id and node_id != identity.node_id:
+        raise ProtocolError(ErrorCode.FORBIDDEN, f"This key may only register node id {identity.node_id!r}")
+    if identity.capabilities:
+        extra = sorted(set(capabilities) - set(identity.capabilities))
+        if extra:
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN, f"This key may not register capabilities: {', '.join(extra)}"
+            )
+
+
+def new_node_id() -> str:
+    return f"node-{uuid.uuid4().hex[:12]}"
+
+
+@transaction.atomic
+def node_register(
+    *,
+    payload: NodeRegisterPayload,
+    connection: Connection,
+    identity: KeyIdentity,
+    protocol: str = NodeProtocol.ABP,
+    tool_manifests: list[dict[str, Any]] | None = None,
+) -> RegistrationResult:
+    """Register (or take over) a node on this connection (PROTOCOL §2.1)."""
+    node_id = payload.node_id or identity.node_id or new_node_id()
+    _check_key_allows(identity, node_id, payload.capabilities)
+    now = timezone.now()
+    node = Node.objects.select_for_update().filter(pk=node_id).first()
+    created = node is None
+    if created:
+        if Node.objects.count() >= settings.APEXBRIDGE_MAX_NODES:
+            raise ProtocolError(
+                ErrorCode.NODE_LIMIT_REACHED,
+                f"The hub already has {settings.APEXBRIDGE_MAX_NODES} registered nodes",
+            )
+        node = Node(node_id=node_id, registered_at=now)
+        old_status = NodeStatus.OFFLINE
+        replaced_channel = ""
+        previous_connection = ""
+    else:
+        old_status = node.status
+        previous_connection = node.connection_id
+        replaced_channel = (
+            node.channel_name
+            if node.connection_id and node.connection_id != connection.connection_id
+            else ""
+        )
+    config = payload.config
+    node.name = payload.name
+    node.type = payload.type
+    node.version = payload.version or ""
+    node.protocol = protocol
+    node.capabilities = list(dict.fromkeys(payload.capabilities))
+    if payload.tools is not None:
+        node.tools = list(dict.fromkeys(payload.tools))
+    elif created:
+        node.tools = []
+    if tool_manifests is not None:
+        node.tool_manifests = tool_manifests
+    node.personality = payload.personality
+    node.endpoint = payload.endpoint or ""
+    node.max_concurrent_tasks = payload.max_concurrent_tasks
+    node.resources = config.resources.model_dump(exclude_none=True) if config and config.resources else {}
+    node.metadata = (config.metadata if config and config.metadata is not None else {}) or {}
+    node.tags = list(dict.fromkeys(config.tags)) if config and config.tags else []
+    node.status = NodeStatus.ONLINE
+    node.last_heartbeat = now
+    node.last_seen = now
+    node.connection_id = connection.connection_id
+    node.channel_name = connection.channel_name
+    node.process_id = connection.process_id
+    node.connected_at = now
+    node.key_id = identity.key_id
+    node.save()
+    if previous_connection and previous_connection != connection.connection_id:
+        # The older socket's attempts will never be answered there: hand them back.
+        _requeue_attempts(node_id, connection_id=previous_connection, reason="node_replaced")
+    node_log_add(
+        node_id=node_id,
+        event="node_registered",
+        message=f"registered ({'new' if created else 'reconnected'}) with {identity.describe()}",
+        context={"connectionId": connection.connection_id, "protocol": protocol},
+    )
+    events.publish("node_registered", {"node": node_info_data(node)})
+    _publish_status(node_id, old_status, NodeStatus.ONLINE)
+    logger.info(
+        "node %s registered (%s, %s) on %s", node_id, "new" if created else "takeover", protocol,
+        connection.connection_id,
+    )
+    return RegistrationResult(node=node, created=created, replaced_channel_name=replaced_channel)
+
+
+@transaction.atomic
+def node_set_status(*, node_id: str, connection_id: str, status: str) -> str | None:
+    """Set the status of a connected node; returns the previous status, or None if the
+    node is no longer on this connection (taken over or unregistered)."""
+    node = Node.objects.select_for_update().filter(pk=node_id, connection_id=connection_id).first()
+    if node is None:
+        return None
+    old = node.status
+    now = timezone.now()
+    Node.objects.filter(pk=node_id).update(status=status, last_heartbeat=now, last_seen=now)
+    if old != status:
+        node_log_add(node_id=node_id, event="status", message=f"status {old} -> {status}")
+        _publish_status(node_id, old, status)
+    return old
+
+
+@transaction.atomic
+def node_disconnected(*, node_id: str, connection_id: str) -> bool:
+    """The node's socket closed: offline at once, its attempts go back to the queue."""
+    node = Node.objects.select_for_update().filter(pk=node_id, connection_id=connection_id).first()
+    if node is None:
+        return False  # already taken over by a newer connection, or unregistered
+    old = node.status
+    Node.objects.filter(pk=node_id).update(
+        status=NodeStatus.OFFLINE, connection_id="", channel_name="", process_id="", last_seen=timezone.now()
+    )
+    _requeue_attempts(node_id, connection_id=connection_id, reason="node_disconnected")
+    node_log_add(node_id=node_id, event="disconnected", message="connection closed")
+    _publish_status(node_id, old, NodeStatus.OFFLINE)
+    logger.info("node %s disconnected (%s)", node_id, connection_id)
+    return True
+
+
+@transaction.atomic
+def node_unregister(*, node_id: str, reason: str, connection_id: str | None = None) -> Node | None:
+    """Remove a node from the registry (PROTOCOL §2.3); its task history stays."""
+    query = Node.objects.select_for_update().filter(pk=node_id)
+    if connection_id is not None:
+        query = query.filter(connection_id=connection_id)
+    node = query.first()
+    if node is None:
+        return None
+    _requeue_attempts(node_id, connection_id=None, reason="node_unregistered")
+    node.delete()
+    node_log_add(node_id=node_id, event="node_unregistered", message=f"unregistered: {reason}")
+    events.publish("node_unregistered", {"nodeId": node_id, "reason": reason})
+    logger.info("node %s unregistered: %s", node_id, reason)
+    return node
+
+
+@transaction.atomic
+def node_set_tools(
+    *, node_id: str, connection_id: str, tools: list[str], manifests: list[dict[str, Any]] | None
+) -> Node | None:
+    node = Node.objects.select_for_update().filter(pk=node_id, connection_id=connection_id).first()
+    if node is None:
+        return None
+    node.tools = list(dict.fromkeys(tools))
+    if node.protocol == NodeProtocol.VCP:
+        node.capabilities = list(node.tools)
+    if manifests is not None:
+        node.tool_manifests = manifests
+    node.save(update_fields=["tools", "capabilities", "tool_manifests"])
+    return node
+
+
+def node_remove_tools(*, node_id: str, connection_id: str, tools: list[str]) -> Node | None:
+    with transaction.atomic():
+        node = Node.objects.select_for_update().filter(pk=node_id, connection_id=connection_id).first()
+        if node is None:
+            return None
+        removed = set(tools)
+        manifests = [m for m in node.tool_manifests or [] if m.get("name") not in removed]
+        return node_set_tools(
+            node_id=node_id,
+            connection_id=connection_id,
+            tools=[t for t in node.tools if t not in removed],
+            manifests=manifests,
+        )
+
+
+def node_set_ips(*, node_id: str, connection_id: str, ips: dict[str, Any]) -> bool:
+    return bool(Node.objects.filter(pk=node_id, connection_id=connection_id).update(ips=ips))
+
+
+@transaction.atomic
+def node_set_draining(*, node_id: str, draining: bool) -> Node | None:
+    node = Node.objects.select_for_update().filter(pk=node_id).first()
+    if node is None:
+        return None
+    if node.draining != draining:
+        node.draining = draining
+        node.save(update_fields=["draining"])
+        node_log_add(node_id=node_id, event="control", message="draining" if draining else "resumed")
+    return node
+
+
+# --- liveness ---------------------------------------------------------------------------
+@dataclass
+class HeartbeatRecord:
+    node_id: str
+    connection_id: str
+    at: datetime
+    stats: dict[str, Any] | None = None
+    resources: dict[str, Any] | None = None
+
+
+def node_flush_heartbeats(records: list[HeartbeatRecord]) -> list[str]:
+    """Write buffered heartbeats in one transaction; returns ids of nodes that came
+    back online (they were marked offline while their socket stayed open)."""
+    revived: list[str] = []
+    if not records:
+        return revived
+    with transaction.atomic():
+        for record in records:
+            fields: dict[str, Any] = {"last_heartbeat": record.at, "last_seen": record.at}
+            if record.stats is not None:
+                fields["reported_stats"] = record.stats
+            if record.resources is not None:
+                fields["reported_resources"] = record.resources
+            Node.objects.filter(pk=record.node_id, connection_id=record.connection_id).update(**fields)
+        offline = Node.objects.filter(
+            pk__in=[r.node_id for r in records], status=NodeStatus.OFFLINE
+        ).exclude(connection_id="")
+        by_id = {r.node_id: r.connection_id for r in records}
+        for node in offline:
+            if by_id.get(node.node_id) != node.connection_id:
+                continue
+            if Node.objects.filter(
+                pk=node.node_id, connection_id=node.connection_id, status=NodeStatus.OFFLINE
+            ).update(status=NodeStatus.ONLINE):
+                revived.append(node.node_id)
+                node_log_add(node_id=node.node_id, event="status", message="status offline -> online")
+                _publish_status(node.node_id, NodeStatus.OFFLINE, NodeStatus.ONLINE)
+    return revived
+
+
+def node_sweep_heartbeat_timeouts(*, now: datetime | None = None) -> list[tuple[str, str]]:
+    """Mark nodes silent for longer than the heartbeat timeout offline. Returns
+    (node_id, channel_name) of the nodes this call marked, so their connections can
+    be told. Safe to run in several processes at once."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(milliseconds=settings.APEXBRIDGE_HEARTBEAT_TIMEOUT_MS)
+    marked: list[tuple[str, str]] = []
+    candidates = list(
+        Node.objects.filter(status__in=LIVE_STATUSES, last_heartbeat__lt=cutoff).values_list(
+            "node_id", "status", "connection_id", "channel_name"
+        )
+    )
+    for node_id, old_status, connection_id, channel_name in candidates:
+        with transaction.atomic():
+            won = Node.objects.filter(
+                pk=node_id, status=old_status, last_heartbeat__lt=cutoff
+            ).update(status=NodeStatus.OFFLINE)
+            if not won:
+                continue  # another process did it, or a heartbeat arrived
+            _requeue_attempts(node_id, connection_id=None, reason="node_offline")
+            node_log_add(
+                node_id=node_id,
+                level="warn",
+                event="heartbeat_timeout",
+                message=f"no heartbeat for {settings.APEXBRIDGE_HEARTBEAT_TIMEOUT_MS} ms: offline",
+            )
+            _publish_status(node_id, old_status, NodeStatus.OFFLINE)
+        logger.warning("node %s missed its heartbeat timeout: offline", node_id)
+        marked.append((node_id, channel_name))
+    return marked
+
+
+def node_check_heartbeat(*, node_id: str) -> Node | None:
+    """Re-evaluate one node's heartbeat timeout now (admin heartbeat-check)."""
+    node = Node.objects.filter(pk=node_id).first()
+    if node is None:
+        return None
+    cutoff = timezone.now() - timedelta(milliseconds=settings.APEXBRIDGE_HEARTBEAT_TIMEOUT_MS)
+    if node.status in LIVE_STATUSES and (node.last_heartbeat is None or node.last_heartbeat < cutoff):
+        node_sweep_heartbeat_timeouts()
+        node.refresh_from_db()
+    return node
+
+
+# --- hub processes ----------------------------------------------------------------------
+def process_beat(*, process_id: str, hostname: str, pid: int) -> None:
+    now = timezone.now()
+    updated = HubProcess.objects.filter(pk=process_id).update(last_beat_at=now, stopped_at=None)
+    if not updated:
+        HubProcess.objects.update_or_create(
+            process_id=process_id,
+            defaults={"hostname": hostname, "pid": pid, "started_at": now, "last_beat_at": now},
+        )
+
+
+def process_reap(*, current_process_id: str, everyone_else_is_dead: bool = False) -> list[str]:
+    """Find hub processes that stopped beating; their nodes go offline and their
+    attempts go back to the queue. With the in-memory channel layer only one hub
+    process can exist, so at start-up every other process is known to be dead."""
+    now = timezone.now()
+    stale = HubProcess.objects.filter(stopped_at__isnull=True).exclude(pk=current_process_id)
+    if not everyone_else_is_dead:
+        stale = stale.filter(
+            last_beat_at__lt=now - timedelta(milliseconds=settings.APEXBRIDGE_PROCESS_TIMEOUT_MS)
+        )
+    reaped = []
+    for process_id in list(stale.values_list("process_id", flat=True)):
+        if HubProcess.objects.filter(pk=process_id, stopped_at__isnull=True).update(stopped_at=now):
+            reaped.append(process_id)
+    orphaned = Node.objects.exclude(connection_id="").exclude(process_id=current_process_id)
+    if not everyone_else_is_dead:
+        orphaned = orphaned.filter(process_id__in=list(
+            HubProcess.objects.filter(stopped_at__isnull=False).values_list("process_id", flat=True)
+        ))
+    for node_id, connection_id in list(orphaned.values_list("node_id", "connection_id")):
+        if node_disconnected(node_id=node_id, connection_id=connection_id):
+            logger.info("node %s belonged to a hub process that is gone", node_id)
+    if reaped:
+        logger.info("hub processes gone: %s", ", ".join(reaped))
+    return reaped
+
+
+def process_stopped(*, process_id: str) -> None:
+    HubProcess.objects.filter(pk=process_id).update(stopped_at=timezone.now())
+
+
+def node_logs_prune() -> int:
+    """Keep at most APEXBRIDGE_NODE_LOG_CAP log lines per node."""
+    cap = settings.APEXBRIDGE_NODE_LOG_CAP
+    deleted = 0
+    heavy = (
+        NodeLog.objects.values("node_id").annotate(n=Count("id")).filter(n__gt=cap).values_list("node_id", flat=True)
+    )
+    for node_id in list(heavy):
+        keep_from = (
+            NodeLog.objects.filter(node_id=node_id).order_by("-timestamp", "-id").values_list("id", flat=True)[cap - 1]
+        )
+        deleted += NodeLog.objects.filter(node_id=node_id, id__lt=keep_from).delete()[0]
+    return deleted

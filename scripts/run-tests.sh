@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole suite, as `make test` runs it.
+#   pass 1: everything on the embedded defaults (SQLite, in-memory channel layer);
+#           end-to-end tests that ask for PostgreSQL + Redis start hubs on them.
+#   pass 2: the database and channel-layer tests again on PostgreSQL + Redis.
+# Without PostgreSQL/Redis pass 2 is skipped, unless APEXBRIDGE_REQUIRE_SERVICES=1,
+# which makes any skipped service or browser test a failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+export LITELLM_LOCAL_MODEL_COST_MAP=True LITELLM_OFFLINE_MODE=true
+unset DATABASE_URL REDIS_URL
+
+port_open() { "$PY" -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1)" "$1" 2>/dev/null; }
+
+status=0
+echo "== pass 1: embedded defaults (SQLite + in-memory channel layer)"
+"$PY" -m pytest "$@" || status=1
+
+if port_open 5432 && port_open 6379; then
+  echo "== pass 2: database and channel-layer tests on PostgreSQL + Redis"
+  DATABASE_URL="${APEXBRIDGE_TEST_DATABASE_URL:-postgres://root@127.0.0.1:5432/apexbridge}" \
+  REDIS_URL="${APEXBRIDGE_TEST_REDIS_LAYER_URL:-redis://127.0.0.1:6379/0}" \
+    "$PY" -m pytest -m "not e2e and not browser" --ignore=tests/e2e --ignore=tests/browser \
+      --ignore=tests/client "$@" || status=1
+elif [ "${APEXBRIDGE_REQUIRE_SERVICES:-0}" = 1 ]; then
+  echo "FAILED: PostgreSQL (5432) or Redis (6379) is not reachable and APEXBRIDGE_REQUIRE_SERVICES=1"
+  status=1
+else
+  echo "== pass 2 skipped: PostgreSQL or Redis not reachable on 127.0.0.1"
+fi
+exit $status

@@ -1,0 +1,115 @@
+"""Shared fixtures.
+
+Backends: the suite runs on whatever ``DATABASE_URL`` / ``REDIS_URL`` say (SQLite and
+the in-memory layer when unset). ``APEXBRIDGE_REQUIRE_SERVICES=1`` turns a skipped
+PostgreSQL/Redis/browser test into a failure (CI sets it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+from channels.testing import WebsocketCommunicator
+
+REQUIRE_SERVICES = os.environ.get("APEXBRIDGE_REQUIRE_SERVICES") == "1"
+TEST_SHARED_KEY = "test-shared-key-0123456789"
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def skip_or_fail(reason: str) -> None:
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{reason} (APEXBRIDGE_REQUIRE_SERVICES=1)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _hub_settings(settings):
+    settings.APEXBRIDGE_VCP_KEY = TEST_SHARED_KEY
+    # Consumer tests drive the sweeps by hand; e2e tests run real processes with loops.
+    settings.APEXBRIDGE_BACKGROUND_LOOPS = False
+    settings.APEXBRIDGE_LLM_MODEL = None
+    settings.APEXBRIDGE_LLM_MODELS = []
+    return settings
+
+
+class NodeSocket:
+    """A test node on a ``WebsocketCommunicator``: send/receive frames as dicts."""
+
+    def __init__(self, communicator: WebsocketCommunicator) -> None:
+        self.communicator = communicator
+        self.ack: dict | None = None
+
+    async def send(self, message_type: str, data: dict | None = None) -> None:
+        await self.communicator.send_to(text_data=json.dumps({"type": message_type, "data": data or {}}))
+
+    async def send_raw(self, text: str) -> None:
+        await self.communicator.send_to(text_data=text)
+
+    async def receive(self, timeout: float = 3) -> dict:
+        return json.loads(await self.communicator.receive_from(timeout=timeout))
+
+    async def receive_type(self, message_type: str, timeout: float = 3) -> dict:
+        """Receive until a frame of this type arrives (other frames are skipped)."""
+        while True:
+            message = await self.receive(timeout)
+            if message["type"] == message_type:
+                return message
+
+    async def request(self, message_type: str, data: dict | None = None, timeout: float = 3) -> dict:
+        await self.send(message_type, data)
+        return await self.receive(timeout)
+
+    async def register(self, node_id: str = "n1", **fields) -> dict:
+        data = {"nodeId": node_id, "name": fields.pop("name", node_id), "type": "worker", "capabilities": []}
+        data.update(fields)
+        reply = await self.request("node_register", data)
+        assert reply["type"] == "node_registered", reply
+        return reply
+
+    async def nothing_received(self, timeout: float = 0.2) -> bool:
+        return await self.communicator.receive_nothing(timeout=timeout)
+
+    async def close(self) -> None:
+        await self.communicator.disconnect()
+
+
+async def open_node_socket(
+    path: str = f"/abp-distributed-server/VCP_Key={TEST_SHARED_KEY}", headers=None
+) -> tuple[NodeSocket, bool, object]:
+    from apexbridge.asgi import application
+
+    communicator = WebsocketCommunicator(application, path, headers=headers or [])
+    connected, code = await communicator.connect()
+    node = NodeSocket(communicator)
+    if connected:
+        node.ack = await node.receive()
+    return node, connected, code
+
+
+@pytest.fixture
+async def node_socket():
+    """Factory for connected test nodes; all are disconnected at the end."""
+    opened: list[NodeSocket] = []
+
+    async def make(path: str | None = None, headers=None) -> NodeSocket:
+        kwargs = {"headers": headers}
+        if path is not None:
+            kwargs["path"] = path
+        node, connected, code = await open_node_socket(**kwargs)
+        assert connected, f"handshake refused: {code}"
+        opened.append(node)
+        return node
+
+    yield make
+    for node in opened:
+        await node.close()
