@@ -43,5 +43,9 @@ format: install
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+# A short run of every benchmark (small N; the full sizes: bench/run_all.py without --short).
+bench: install
+	$(PY) bench/run_all.py --short
+
 clean:
 	rm -rf $(VENV) db.sqlite3* var/ .pytest_cache artifacts/
