@@ -152,7 +152,18 @@ if REDIS_URL:
             "CONFIG": {
                 # A pool large enough for connection bursts: redis-py 8 raises
                 # MaxConnectionsError at 100 connections by default.
-                "hosts": [{"address": REDIS_URL, "max_connections": 1000}],
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        "max_connections": 1000,
+                        # redis-py 8 defaults socket_timeout to 5 s, which aborts the
+                        # layer's blocking BZPOPMIN (5 s) and kills consumers with
+                        # TimeoutError (django/channels_redis#422): wait longer than it.
+                        "socket_timeout": 30,
+                        "socket_connect_timeout": 5,
+                        "socket_keepalive": True,
+                    }
+                ],
                 "capacity": env_int("APEXBRIDGE_CHANNEL_CAPACITY", 5000),
                 "expiry": 60,
                 "group_expiry": 86400 * 7,
@@ -213,6 +224,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Admin and task API of the ApexBridge hub (see PROTOCOL.md §6).",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Node and task statuses are both "status" fields: name their enums explicitly
+    # (otherwise drf_spectacular.W001 makes `check --deploy` unclean).
+    "ENUM_NAME_OVERRIDES": {
+        "NodeStatusEnum": "nodes.models.NodeStatus",
+        "TaskStatusEnum": "nodes.models.TaskStatus",
+    },
 }
 
 # --- Logging ---------------------------------------------------------------------

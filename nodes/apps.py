@@ -4,3 +4,8 @@ from django.apps import AppConfig
 class NodesConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "nodes"
+
+    def ready(self) -> None:
+        from nodes.auth import hide_keys_in_daphne_access_log
+
+        hide_keys_in_daphne_access_log()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -37,6 +38,32 @@ class KeyIdentity:
 
     def describe(self) -> str:
         return "shared key" if self.kind == "shared" else f"node key {self.name!r} (#{self.key_id})"
+
+
+_SECRET_IN_PATH = re.compile(r"((?:VCP_Key|ABP_Key|token)=)[^/?#&\s\"]*")
+
+
+def redact_keys(text: str) -> str:
+    """A request path (or log line) with every key or token value in it hidden."""
+    return _SECRET_IN_PATH.sub(r"\1***", text)
+
+
+def hide_keys_in_daphne_access_log() -> None:
+    """Nodes put their key in the WebSocket path, and daphne's access log (on by
+    default) prints every path: hide the keys there, however daphne was started."""
+    from daphne.access import AccessLogGenerator
+
+    original = AccessLogGenerator.__call__
+    if getattr(original, "hides_keys", False):
+        return
+
+    def log_action(self, protocol, action, details):
+        if isinstance(details.get("path"), str):
+            details = {**details, "path": redact_keys(details["path"])}
+        return original(self, protocol, action, details)
+
+    log_action.hides_keys = True
+    AccessLogGenerator.__call__ = log_action
 
 
 def hash_key(key: str) -> str:

@@ -82,7 +82,7 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
         self.node_id = None
         self.node_type = "worker"
         self.node_tags: list[str] = []
-        self.node_status = NodeStatus.OFFLINE
+        self.current_status = NodeStatus.OFFLINE
         self.pending_ips: dict[str, Any] | None = None
         self.protocol_errors: deque[float] = deque()
         kwargs = self.scope.get("url_route", {}).get("kwargs", {})
@@ -128,7 +128,7 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
         if self.node_id is None:
             return
         node_id, self.node_id = self.node_id, None
-        runtime.forget(node_id)
+        runtime.forget(node_id, self.connection_id)
         await database_sync_to_async(services.node_disconnected)(
             node_id=node_id, connection_id=self.connection_id
         )
@@ -158,7 +158,7 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
                 raise ProtocolError(ErrorCode.NOT_REGISTERED, "Send node_register first")
             await handler(data)
         except ProtocolError as error:
-            await self.reply_error(message_type, data, error)
+            await self.reply_error(message_type or getattr(error, "message_type", None), data, error)
         except Exception:
             logger.exception("error handling %s from %s", message_type, self.node_id or self.connection_id)
             await self.send(text_data=error_frame(ErrorCode.INTERNAL_ERROR, "The hub failed to handle this message"))
@@ -216,7 +216,7 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
                 "message": "Node registered",
                 "hubInfo": {
                     "version": settings.HUB_VERSION,
-                    "llmAvailable": await database_sync_to_async(_llm_available)(),
+                    "llmAvailable": _llm_available(),  # settings only: no database hop
                     "heartbeatInterval": settings.APEXBRIDGE_HEARTBEAT_INTERVAL_MS,
                     "heartbeatTimeout": settings.APEXBRIDGE_HEARTBEAT_TIMEOUT_MS,
                 },
@@ -236,7 +236,7 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
         self.node_id = node.node_id
         self.node_type = node.type
         self.node_tags = list(node.tags)
-        self.node_status = node.status
+        self.current_status = node.status
         if result.replaced_channel_name:
             await self.channel_layer.send(
                 result.replaced_channel_name, {"type": "node.close", "code": CloseCode.REPLACED}
@@ -253,23 +253,23 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
         node_id = self.require_node(data)
         payload = validate(HeartbeatPayload, data)
         wanted = payload.status or (
-            self.node_status if self.node_status in (NodeStatus.ONLINE, NodeStatus.BUSY) else NodeStatus.ONLINE
+            self.current_status if self.current_status in (NodeStatus.ONLINE, NodeStatus.BUSY) else NodeStatus.ONLINE
         )
         stats = payload.stats.model_dump(by_alias=True, exclude_none=True) if payload.stats else None
         resources = payload.resources.model_dump(exclude_none=True) if payload.resources else None
-        if wanted != self.node_status:
+        if wanted != self.current_status:
             # A status change is written at once; plain heartbeats are only buffered.
             previous = await database_sync_to_async(services.node_set_status)(
                 node_id=node_id, connection_id=self.connection_id, status=wanted
             )
             if previous is None:
                 raise ProtocolError(ErrorCode.NOT_REGISTERED, "This node was taken over or removed; register again")
-            self.node_status = wanted
+            self.current_status = wanted
             if previous == NodeStatus.OFFLINE or wanted == NodeStatus.ONLINE:
                 await runtime.dispatch()
         runtime.record_heartbeat(node_id, self.connection_id, stats, resources)
         await self.send_frame(
-            "heartbeat_ack", {"nodeId": node_id, "success": True, "status": self.node_status, "timestamp": now_ms()}
+            "heartbeat_ack", {"nodeId": node_id, "success": True, "status": self.current_status, "timestamp": now_ms()}
         )
 
     async def handle_node_unregister(self, data: dict[str, Any]) -> None:
@@ -278,9 +278,9 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
         await database_sync_to_async(services.node_unregister)(
             node_id=node_id, reason=payload.reason or "unregistered by node", connection_id=self.connection_id
         )
-        runtime.forget(node_id)
+        runtime.forget(node_id, self.connection_id)
         self.node_id = None
-        self.node_status = NodeStatus.OFFLINE
+        self.current_status = NodeStatus.OFFLINE
         await self.send_frame("node_unregistered", {"nodeId": node_id, "success": True, "timestamp": now_ms()})
         await runtime.dispatch()
 
@@ -354,7 +354,7 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
 
     async def node_status(self, event: dict[str, Any]) -> None:
         if event.get("nodeId") == self.node_id:
-            self.node_status = event["status"]
+            self.current_status = event["status"]
 
     async def node_send(self, event: dict[str, Any]) -> None:
         """Send a frame built by a service (task_assign, task_cancel, node_control, ping)."""

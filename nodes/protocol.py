@@ -114,7 +114,9 @@ def parse_envelope(text: str) -> tuple[str, dict[str, Any]]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "'data' must be a JSON object")
+        error = ProtocolError(ErrorCode.INVALID_PAYLOAD, "data: must be a JSON object")
+        error.message_type = message_type  # answered with that type's own reply (§1.1)
+        raise error
     return message_type, data
 
 
@@ -158,7 +160,8 @@ class NodeRegisterPayload(WireModel):
     name: NameStr
     type: Literal["worker", "companion"] = "worker"
     version: ShortStr | None = None
-    capabilities: list[ShortStr] = Field(max_length=1000)
+    # As many as tools: a VCP node's capabilities are its tool names.
+    capabilities: list[ShortStr] = Field(max_length=5000)
     tools: list[ShortStr] | None = Field(default=None, max_length=5000)
     personality: dict[str, Any] | None = None
     endpoint: Annotated[str, StringConstraints(max_length=512)] | None = None
@@ -357,3 +360,45 @@ def task_data(task) -> dict[str, Any]:
         "assignedAt": dt_ms(task.assigned_at),
         "finishedAt": dt_ms(task.finished_at),
     }
+
+
+# --- task frames (hub -> node, PROTOCOL §3.2 and §2.5) -----------------------------------
+def task_assign_data(task) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "taskId": task.task_id,
+        "nodeId": task.assigned_node_id,
+        "toolName": task.tool_name,
+        "toolArgs": task.tool_args,
+        "timeout": task.timeout_ms,
+        "priority": task.priority,
+        "attempt": task.attempts,
+    }
+    if task.capability:
+        data["capability"] = task.capability
+    return data
+
+
+def execute_tool_data(task) -> dict[str, Any]:
+    """What a VCP node gets instead of ``task_assign``."""
+    return {"requestId": task.task_id, "toolName": task.tool_name, "toolArgs": task.tool_args}
+
+
+def task_cancel_data(task_id: str, reason: str) -> dict[str, Any]:
+    return {"taskId": task_id, "reason": reason}
+
+
+def task_result_ack_data(task_id: str, node_id: str) -> dict[str, Any]:
+    return {"taskId": task_id, "nodeId": node_id, "success": True, "timestamp": now_ms()}
+
+
+def tool_result_error(error: Any) -> dict[str, Any]:
+    """A VCP ``tool_result`` error (a plain string, an object or nothing) as a task error."""
+    if isinstance(error, dict):
+        message = error.get("message") or error.get("error") or json.dumps(error, default=str)[:2000]
+        result: dict[str, Any] = {"code": str(error.get("code") or "tool_error"), "message": str(message)}
+        if error.get("details") is not None:
+            result["details"] = error["details"]
+        return result
+    if error is None or error == "":
+        return {"code": "tool_error", "message": "The tool reported an error"}
+    return {"code": "tool_error", "message": str(error)[:10000]}

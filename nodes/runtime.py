@@ -16,6 +16,7 @@ what this process's own sockets said, until the next flush.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import socket
@@ -42,6 +43,9 @@ class HubRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started_once = False
         self._last_log_prune = 0.0
+        self._dispatch_loop: asyncio.AbstractEventLoop | None = None
+        self._dispatch_running: asyncio.Task | None = None
+        self._dispatch_next: asyncio.Future | None = None
 
     # --- heartbeats ---------------------------------------------------------------------
     def record_heartbeat(
@@ -56,9 +60,15 @@ class HubRuntime:
             record.resources = resources if resources is not None else previous.resources
         self._buffer[node_id] = record
 
-    def forget(self, node_id: str) -> None:
-        self._buffer.pop(node_id, None)
-        self.vcp_connections.pop(node_id, None)
+    def forget(self, node_id: str, connection_id: str | None = None) -> None:
+        """Drop what this process keeps for a node; with ``connection_id``, only if it
+        still belongs to that connection (a replaced socket closing after the takeover
+        must not drop the new connection's heartbeat or VCP liveness)."""
+        record = self._buffer.get(node_id)
+        if record is not None and connection_id in (None, record.connection_id):
+            del self._buffer[node_id]
+        if connection_id in (None, self.vcp_connections.get(node_id)):
+            self.vcp_connections.pop(node_id, None)
 
     async def flush_heartbeats(self) -> list[str]:
         now = datetime.now(UTC)
@@ -103,11 +113,42 @@ class HubRuntime:
         await send_all(outgoing)
 
     async def dispatch(self) -> None:
-        """Hand queued tasks to eligible nodes now (after a change that may allow it)."""
+        """Hand queued tasks to eligible nodes now (after a change that may allow it).
+
+        Coalesced: callers that arrive while a pass runs share the one next pass, so a
+        burst (a registration storm, a stream of task results) costs a few passes on
+        the process's single database thread instead of one pass per message. A
+        caller returns once a pass that started after its call has finished.
+        """
+        loop = asyncio.get_running_loop()
+        if self._dispatch_loop is not loop:  # first call, or a new event loop (tests)
+            self._dispatch_loop, self._dispatch_running, self._dispatch_next = loop, None, None
+        if self._dispatch_running is None:
+            waiter = loop.create_future()
+            self._dispatch_running = loop.create_task(self._dispatch_passes(waiter))
+        else:
+            if self._dispatch_next is None:
+                self._dispatch_next = loop.create_future()
+            waiter = self._dispatch_next
+        # Shielded: one caller going away must not cancel a pass others wait for.
+        await asyncio.shield(waiter)
+
+    async def _dispatch_passes(self, waiter: asyncio.Future) -> None:
         from nodes import task_services
 
-        outgoing = await database_sync_to_async(task_services.task_dispatch_pending)()
-        await send_all(outgoing)
+        try:
+            while waiter is not None:
+                try:
+                    outgoing = await database_sync_to_async(task_services.task_dispatch_pending)()
+                    await send_all(outgoing)
+                except Exception as exc:
+                    waiter.set_exception(exc)
+                    waiter.exception()  # marked retrieved: callers that left need not see it
+                else:
+                    waiter.set_result(None)
+                waiter, self._dispatch_next = self._dispatch_next, None
+        finally:
+            self._dispatch_running = None
 
     # --- loops -------------------------------------------------------------------------
     def ensure_started(self) -> None:
@@ -119,6 +160,8 @@ class HubRuntime:
         self._loop = loop
         first = not self._started_once
         self._started_once = True
+        if first:
+            atexit.register(self._mark_stopped)
         self._tasks = [
             loop.create_task(self._run_every(settings.APEXBRIDGE_HEARTBEAT_FLUSH_MS, self.flush_heartbeats)),
             loop.create_task(self._run_sweeps(first)),
@@ -141,6 +184,13 @@ class HubRuntime:
                 raise
             except Exception:
                 logger.exception("background step %s failed; will retry", getattr(step, "__name__", step))
+
+    def _mark_stopped(self) -> None:
+        """At exit, tell the other processes at once that our sockets are gone."""
+        try:
+            services.process_stopped(process_id=self.process_id)
+        except Exception:  # noqa: S110 - the process timeout covers a failed write
+            pass
 
     async def stop(self) -> None:
         for task in self._tasks:
