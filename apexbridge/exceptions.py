@@ -45,7 +45,11 @@ def api_exception_handler(exc, context):
         return None
     code = getattr(exc, "error_code", None)
     if code is None:
-        code = "invalid_payload" if isinstance(exc, ValidationError) else _CODES.get(response.status_code, "error")
+        code = (
+            "invalid_payload"
+            if isinstance(exc, ValidationError)
+            else _CODES.get(response.status_code, "error")
+        )
     body = {"success": False, "error": {"code": code, "message": _message(getattr(exc, "detail", str(exc)))}}
     if response.status_code == status.HTTP_429_TOO_MANY_REQUESTS and getattr(exc, "wait", None):
         body["error"]["retryAfter"] = exc.wait

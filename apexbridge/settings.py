@@ -135,9 +135,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             # busy_timeout instead of failing with "database is locked" mid-transaction.
             "transaction_mode": "IMMEDIATE",
             "timeout": 20,
-            "init_command": (
-                "PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL;PRAGMA busy_timeout=20000;"
-            ),
+            "init_command": ("PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL;PRAGMA busy_timeout=20000;"),
         }
     )
     DATABASES["default"].setdefault("TEST", {})

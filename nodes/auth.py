@@ -70,7 +70,9 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def node_key_create(*, name: str, node_id: str = "", capabilities: list[str] | None = None) -> tuple[NodeKey, str]:
+def node_key_create(
+    *, name: str, node_id: str = "", capabilities: list[str] | None = None
+) -> tuple[NodeKey, str]:
     """Create a key; returns the row and the plain key, which is never stored."""
     prefix = secrets.token_hex(4)
     while NodeKey.objects.filter(prefix=prefix).exists():

@@ -93,7 +93,9 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
         if identity is None:
             logger.warning(
                 "refused node handshake from %s on /%s/: %s key",
-                client[0], kwargs.get("prefix"), "missing" if not presented else "wrong or revoked",
+                client[0],
+                kwargs.get("prefix"),
+                "missing" if not presented else "wrong or revoked",
             )
             await self.close()  # before accept: the client gets HTTP 403
             return
@@ -140,7 +142,9 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if text_data is None:
-            await self.reply_error(None, None, ProtocolError(ErrorCode.INVALID_MESSAGE, "Binary frames are not accepted"))
+            await self.reply_error(
+                None, None, ProtocolError(ErrorCode.INVALID_MESSAGE, "Binary frames are not accepted")
+            )
             return
         limit = settings.APEXBRIDGE_MAX_FRAME_BYTES
         if len(text_data) > limit or (len(text_data) * 4 > limit and len(text_data.encode()) > limit):
@@ -161,7 +165,9 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
             await self.reply_error(message_type or getattr(error, "message_type", None), data, error)
         except Exception:
             logger.exception("error handling %s from %s", message_type, self.node_id or self.connection_id)
-            await self.send(text_data=error_frame(ErrorCode.INTERNAL_ERROR, "The hub failed to handle this message"))
+            await self.send(
+                text_data=error_frame(ErrorCode.INTERNAL_ERROR, "The hub failed to handle this message")
+            )
 
     async def reply_error(self, message_type: str | None, data: dict | None, error: ProtocolError) -> None:
         reply_type = REPLY_TYPES.get(message_type or "")
@@ -253,7 +259,9 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
         node_id = self.require_node(data)
         payload = validate(HeartbeatPayload, data)
         wanted = payload.status or (
-            self.current_status if self.current_status in (NodeStatus.ONLINE, NodeStatus.BUSY) else NodeStatus.ONLINE
+            self.current_status
+            if self.current_status in (NodeStatus.ONLINE, NodeStatus.BUSY)
+            else NodeStatus.ONLINE
         )
         stats = payload.stats.model_dump(by_alias=True, exclude_none=True) if payload.stats else None
         resources = payload.resources.model_dump(exclude_none=True) if payload.resources else None
@@ -263,13 +271,16 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
                 node_id=node_id, connection_id=self.connection_id, status=wanted
             )
             if previous is None:
-                raise ProtocolError(ErrorCode.NOT_REGISTERED, "This node was taken over or removed; register again")
+                raise ProtocolError(
+                    ErrorCode.NOT_REGISTERED, "This node was taken over or removed; register again"
+                )
             self.current_status = wanted
             if previous == NodeStatus.OFFLINE or wanted == NodeStatus.ONLINE:
                 await runtime.dispatch()
         runtime.record_heartbeat(node_id, self.connection_id, stats, resources)
         await self.send_frame(
-            "heartbeat_ack", {"nodeId": node_id, "success": True, "status": self.current_status, "timestamp": now_ms()}
+            "heartbeat_ack",
+            {"nodeId": node_id, "success": True, "status": self.current_status, "timestamp": now_ms()},
         )
 
     async def handle_node_unregister(self, data: dict[str, Any]) -> None:
@@ -281,7 +292,9 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
         runtime.forget(node_id, self.connection_id)
         self.node_id = None
         self.current_status = NodeStatus.OFFLINE
-        await self.send_frame("node_unregistered", {"nodeId": node_id, "success": True, "timestamp": now_ms()})
+        await self.send_frame(
+            "node_unregistered", {"nodeId": node_id, "success": True, "timestamp": now_ms()}
+        )
         await runtime.dispatch()
 
     async def handle_register_tools(self, data: dict[str, Any]) -> None:
@@ -294,8 +307,11 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
             node_id = ("vcp-" + _UNSAFE_ID_CHARS.sub("-", payload.serverName))[:64]
             await self._register(
                 NodeRegisterPayload(
-                    node_id=node_id, name=payload.serverName[:128] or node_id, type="worker",
-                    capabilities=names, tools=names,
+                    node_id=node_id,
+                    name=payload.serverName[:128] or node_id,
+                    type="worker",
+                    capabilities=names,
+                    tools=names,
                 ),
                 NodeProtocol.VCP,
                 manifests,
@@ -305,7 +321,9 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
                 node_id=self.node_id, connection_id=self.connection_id, tools=names, manifests=manifests
             )
             if node is None:
-                raise ProtocolError(ErrorCode.NOT_REGISTERED, "This node was taken over or removed; register again")
+                raise ProtocolError(
+                    ErrorCode.NOT_REGISTERED, "This node was taken over or removed; register again"
+                )
         await self.send_frame(
             "register_ack", {"success": True, "nodeId": self.node_id, "tools": names, "count": len(names)}
         )

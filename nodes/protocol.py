@@ -129,15 +129,11 @@ NameStr = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 class WireModel(BaseModel):
     """camelCase on the wire, snake_case in Python, strict types, unknown fields ignored."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, strict=True, extra="ignore"
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, strict=True, extra="ignore")
 
 
 class Resources(WireModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, strict=False, extra="allow"
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, strict=False, extra="allow")
     cpu: float | None = None
     memory: float | None = None
     disk: float | None = None
@@ -179,9 +175,7 @@ class NodeRegisterPayload(WireModel):
 
 
 class HeartbeatStats(WireModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, strict=False, extra="allow"
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, strict=False, extra="allow")
     active_tasks: int | None = None
     completed_tasks: int | None = None
     failed_tasks: int | None = None
@@ -298,9 +292,7 @@ def validate(schema: type[BaseModel], data: dict[str, Any]):
 # --- outgoing data ------------------------------------------------------------------
 def node_info_data(node) -> dict[str, Any]:
     """NodeInfo (seed §2.1 + PROTOCOL §2) as sent in events and the admin API."""
-    average = (
-        round(node.total_response_time_ms / node.completed_tasks, 1) if node.completed_tasks else 0
-    )
+    average = round(node.total_response_time_ms / node.completed_tasks, 1) if node.completed_tasks else 0
     return {
         "id": node.node_id,
         "nodeId": node.node_id,

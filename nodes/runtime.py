@@ -53,7 +53,11 @@ class HubRuntime:
     ) -> None:
         previous = self._buffer.get(node_id)
         record = services.HeartbeatRecord(
-            node_id=node_id, connection_id=connection_id, at=datetime.now(UTC), stats=stats, resources=resources
+            node_id=node_id,
+            connection_id=connection_id,
+            at=datetime.now(UTC),
+            stats=stats,
+            resources=resources,
         )
         if previous is not None and previous.connection_id == connection_id:
             record.stats = stats if stats is not None else previous.stats
@@ -96,11 +100,15 @@ class HubRuntime:
 
         services.process_beat(process_id=self.process_id, hostname=socket.gethostname(), pid=os.getpid())
         single_process = not settings.REDIS_URL
-        services.process_reap(current_process_id=self.process_id, everyone_else_is_dead=first and single_process)
+        services.process_reap(
+            current_process_id=self.process_id, everyone_else_is_dead=first and single_process
+        )
         outgoing: list[tuple[str, dict]] = []
         for node_id, channel_name in services.node_sweep_heartbeat_timeouts():
             if channel_name:
-                outgoing.append((channel_name, {"type": "node.status", "nodeId": node_id, "status": "offline"}))
+                outgoing.append(
+                    (channel_name, {"type": "node.status", "nodeId": node_id, "status": "offline"})
+                )
         outgoing.extend(task_services.task_sweep_timeouts())
         outgoing.extend(task_services.task_dispatch_pending())
         if time.monotonic() - self._last_log_prune > 60:

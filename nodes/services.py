@@ -110,9 +110,7 @@ def node_register(
         old_status = node.status
         previous_connection = node.connection_id
         replaced_channel = (
-            node.channel_name
-            if node.connection_id and node.connection_id != connection.connection_id
-            else ""
+            node.channel_name if node.connection_id and node.connection_id != connection.connection_id else ""
         )
     config = payload.config
     node.name = payload.name
@@ -153,7 +151,10 @@ def node_register(
     events.publish("node_registered", {"node": node_info_data(node)})
     _publish_status(node_id, old_status, NodeStatus.ONLINE)
     logger.info(
-        "node %s registered (%s, %s) on %s", node_id, "new" if created else "takeover", protocol,
+        "node %s registered (%s, %s) on %s",
+        node_id,
+        "new" if created else "takeover",
+        protocol,
         connection.connection_id,
     )
     return RegistrationResult(node=node, created=created, replaced_channel_name=replaced_channel)
@@ -280,9 +281,9 @@ def node_flush_heartbeats(records: list[HeartbeatRecord]) -> list[str]:
             if record.resources is not None:
                 fields["reported_resources"] = record.resources
             Node.objects.filter(pk=record.node_id, connection_id=record.connection_id).update(**fields)
-        offline = Node.objects.filter(
-            pk__in=[r.node_id for r in records], status=NodeStatus.OFFLINE
-        ).exclude(connection_id="")
+        offline = Node.objects.filter(pk__in=[r.node_id for r in records], status=NodeStatus.OFFLINE).exclude(
+            connection_id=""
+        )
         by_id = {r.node_id: r.connection_id for r in records}
         for node in offline:
             if by_id.get(node.node_id) != node.connection_id:
@@ -308,11 +309,11 @@ def node_sweep_heartbeat_timeouts(*, now: datetime | None = None) -> list[tuple[
             "node_id", "status", "connection_id", "channel_name"
         )
     )
-    for node_id, old_status, connection_id, channel_name in candidates:
+    for node_id, old_status, _connection_id, channel_name in candidates:
         with transaction.atomic():
-            won = Node.objects.filter(
-                pk=node_id, status=old_status, last_heartbeat__lt=cutoff
-            ).update(status=NodeStatus.OFFLINE)
+            won = Node.objects.filter(pk=node_id, status=old_status, last_heartbeat__lt=cutoff).update(
+                status=NodeStatus.OFFLINE
+            )
             if not won:
                 continue  # another process did it, or a heartbeat arrived
             _requeue_attempts(node_id, connection_id=None, reason="node_offline")
@@ -367,9 +368,11 @@ def process_reap(*, current_process_id: str, everyone_else_is_dead: bool = False
             reaped.append(process_id)
     orphaned = Node.objects.exclude(connection_id="").exclude(process_id=current_process_id)
     if not everyone_else_is_dead:
-        orphaned = orphaned.filter(process_id__in=list(
-            HubProcess.objects.filter(stopped_at__isnull=False).values_list("process_id", flat=True)
-        ))
+        orphaned = orphaned.filter(
+            process_id__in=list(
+                HubProcess.objects.filter(stopped_at__isnull=False).values_list("process_id", flat=True)
+            )
+        )
     for node_id, connection_id in list(orphaned.values_list("node_id", "connection_id")):
         if node_disconnected(node_id=node_id, connection_id=connection_id):
             logger.info("node %s belonged to a hub process that is gone", node_id)
@@ -387,11 +390,16 @@ def node_logs_prune() -> int:
     cap = settings.APEXBRIDGE_NODE_LOG_CAP
     deleted = 0
     heavy = (
-        NodeLog.objects.values("node_id").annotate(n=Count("id")).filter(n__gt=cap).values_list("node_id", flat=True)
+        NodeLog.objects.values("node_id")
+        .annotate(n=Count("id"))
+        .filter(n__gt=cap)
+        .values_list("node_id", flat=True)
     )
     for node_id in list(heavy):
         keep_from = (
-            NodeLog.objects.filter(node_id=node_id).order_by("-timestamp", "-id").values_list("id", flat=True)[cap - 1]
+            NodeLog.objects.filter(node_id=node_id)
+            .order_by("-timestamp", "-id")
+            .values_list("id", flat=True)[cap - 1]
         )
         deleted += NodeLog.objects.filter(node_id=node_id, id__lt=keep_from).delete()[0]
     return deleted

@@ -27,8 +27,14 @@ def make_hub(e2e_databases, tmp_path):
     """make_hub(backend="embedded"|"services", env={...}, database_url=None, redis_url=None)."""
     started: list[HubServer] = []
 
-    def make(backend: str = "embedded", env: dict | None = None, database_url: str | None = None,
-             redis_url: str | None = None, start: bool = True, name: str = "hub") -> HubServer:
+    def make(
+        backend: str = "embedded",
+        env: dict | None = None,
+        database_url: str | None = None,
+        redis_url: str | None = None,
+        start: bool = True,
+        name: str = "hub",
+    ) -> HubServer:
         extra = dict(env or {})
         if backend == "services":
             if not services_available():

@@ -63,7 +63,11 @@ def services_available() -> bool:
 def manage(env: dict[str, str], *args: str, check: bool = True, timeout: float = 120) -> str:
     completed = subprocess.run(
         [PYTHON, str(ROOT / "manage.py"), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and completed.returncode != 0:
         raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{completed.stdout}\n{completed.stderr}")
@@ -71,7 +75,9 @@ def manage(env: dict[str, str], *args: str, check: bool = True, timeout: float =
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("APEXBRIDGE_", "DATABASE_URL", "REDIS_URL"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("APEXBRIDGE_", "DATABASE_URL", "REDIS_URL"))
+    }
     env.update({"DJANGO_SETTINGS_MODULE": "apexbridge.settings", "PYTHONUNBUFFERED": "1"})
     env.update({"APEXBRIDGE_VCP_KEY": SHARED_KEY, "APEXBRIDGE_LOG_LEVEL": "INFO"})
     env.update(FAST_ENV)
@@ -161,9 +167,23 @@ class HubServer:
     def start(self, timeout: float = 30) -> None:
         log = open(self.log_path, "a")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
-            [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "--websocket_timeout", "-1",
-             "apexbridge.asgi:application"],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                PYTHON,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "--websocket_timeout",
+                "-1",
+                "apexbridge.asgi:application",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -221,8 +241,9 @@ class HubServer:
             self._token = self.manage("shell", "-c", code).strip().splitlines()[-1]
         return self._token
 
-    def api(self, method: str, path: str, body: Any = None, token: str | None = None,
-            timeout: float = 70) -> tuple[int, Any]:
+    def api(
+        self, method: str, path: str, body: Any = None, token: str | None = None, timeout: float = 70
+    ) -> tuple[int, Any]:
         """Call the HTTP API; returns (status, parsed JSON body)."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"{self.http_url}{path}", data=data, method=method)  # noqa: S310
@@ -238,8 +259,9 @@ class HubServer:
             except ValueError:
                 return error.code, raw.decode(errors="replace")
 
-    async def aapi(self, method: str, path: str, body: Any = None, token: str | None = None,
-                   timeout: float = 70) -> tuple[int, Any]:
+    async def aapi(
+        self, method: str, path: str, body: Any = None, token: str | None = None, timeout: float = 70
+    ) -> tuple[int, Any]:
         return await asyncio.to_thread(self.api, method, path, body, token, timeout)
 
 
@@ -282,8 +304,12 @@ class WsNode:
             self.inbox.append(message)
 
     async def register(self, node_id: str, **fields) -> dict:
-        data = {"nodeId": node_id, "name": fields.pop("name", node_id), "type": "worker",
-                "capabilities": fields.pop("capabilities", [])}
+        data = {
+            "nodeId": node_id,
+            "name": fields.pop("name", node_id),
+            "type": "worker",
+            "capabilities": fields.pop("capabilities", []),
+        }
         data.update(fields)
         await self.send("node_register", data)
         reply = await self.recv_type("node_registered")

@@ -77,7 +77,9 @@ async def test_node_streams_a_completion_through_the_hub(make_hub, llm_server, t
 async def test_quota_refusal_reaches_the_node(make_hub, llm_server, tmp_path):
     hub = make_hub(
         "embedded",
-        env=llm_env(llm_server, APEXBRIDGE_QUOTA_MAX_REQUESTS_PER_MINUTE="1", APEXBRIDGE_QUOTA_BURST_MULTIPLIER="1"),
+        env=llm_env(
+            llm_server, APEXBRIDGE_QUOTA_MAX_REQUESTS_PER_MINUTE="1", APEXBRIDGE_QUOTA_BURST_MULTIPLIER="1"
+        ),
     )
     node, runner = await start_node(hub, tmp_path, "quota-node")
     try:

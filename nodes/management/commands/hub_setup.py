@@ -42,7 +42,9 @@ class Command(BaseCommand):
         password = os.environ.get("APEXBRIDGE_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
         users.objects.create_superuser(username=username, email="", password=password)
         self.stdout.write(f"  Admin:     {base}/admin/")
-        self.stdout.write(self.style.SUCCESS(f"             user {username!r}, password {password!r}  (shown once)"))
+        self.stdout.write(
+            self.style.SUCCESS(f"             user {username!r}, password {password!r}  (shown once)")
+        )
 
     def _ensure_node_key(self, host: str, port: str) -> None:
         key_file = Path(settings.BASE_DIR) / "var" / "dev-node-key"
