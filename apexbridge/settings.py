@@ -83,6 +83,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI assets served locally: the hub works offline
     "nodes",
     "llmproxy",
     "quotas",
@@ -222,6 +223,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Admin and task API of the ApexBridge hub (see PROTOCOL.md §6).",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     # Node and task statuses are both "status" fields: name their enums explicitly
     # (otherwise drf_spectacular.W001 makes `check --deploy` unclean).
     "ENUM_NAME_OVERRIDES": {
