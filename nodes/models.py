@@ -177,6 +177,9 @@ class Task(models.Model):
     waiting_reason = models.CharField(max_length=255, blank=True, default="")
     idempotency_key = models.CharField(max_length=128, null=True, blank=True, unique=True)
     depends_on = models.JSONField(default=list, blank=True)
+    # True while some of ``depends_on`` have not succeeded yet: dispatch skips the task,
+    # and only these few rows are re-checked when other tasks end.
+    dependencies_pending = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     assigned_at = models.DateTimeField(null=True, blank=True)
     deadline_at = models.DateTimeField(null=True, blank=True, db_index=True)
@@ -189,6 +192,7 @@ class Task(models.Model):
         indexes = [
             models.Index(fields=["status", "-priority", "created_at"]),
             models.Index(fields=["assigned_node_id", "status"]),
+            models.Index(fields=["status", "dependencies_pending"]),
         ]
         permissions = []
 

@@ -7,6 +7,8 @@ Nothing else builds a wire frame by hand: use ``frame()`` and the ``*_data`` hel
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -99,10 +101,51 @@ def failure_data(request: dict[str, Any] | None, error: ProtocolError) -> dict[s
     return data
 
 
+# JSON text may still spell values no database column or JSON reader takes: NaN and
+# Infinity (Python's json reads them), numbers that overflow to infinity (1e400), and
+# the escapes \u0000 and lone surrogates (\ud800). Stored, they failed every write of
+# the row (PostgreSQL jsonb and SQLite's JSON_VALID refuse them), so they are refused
+# at the edge. The string walk runs only when the text holds such an escape.
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
+
+
+def _has_bad_string(value: Any) -> bool:
+    if isinstance(value, str):
+        return _BAD_CHARS.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_bad_string(k) or _has_bad_string(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_bad_string(item) for item in value)
+    return False
+
+
+def _loads_strict(text: str) -> tuple[Any, str | None]:
+    """``json.loads`` that reports (instead of returning) non-finite numbers."""
+    problems: list[str] = []
+
+    def constant(name: str) -> None:
+        problems.append(name)
+
+    def finite_float(literal: str) -> float | None:
+        value = float(literal)
+        if math.isinf(value):
+            problems.append(literal[:40])
+            return None
+        return value
+
+    message = json.loads(text, parse_constant=constant, parse_float=finite_float)
+    if problems:
+        return message, f"numbers must be finite JSON numbers, not {problems[0]}"
+    if _SUSPECT_ESCAPE.search(text) and _has_bad_string(message):
+        return message, "strings must not contain NUL characters or unpaired surrogates"
+    return message, None
+
+
 def parse_envelope(text: str) -> tuple[str, dict[str, Any]]:
     """Parse a text frame into (type, data), raising ProtocolError as §1.1 says."""
     try:
-        message = json.loads(text)
+        message, bad_value = _loads_strict(text)
     except (ValueError, RecursionError):
         raise ProtocolError(ErrorCode.INVALID_JSON, "Frame is not valid JSON") from None
     if not isinstance(message, dict):
@@ -113,9 +156,10 @@ def parse_envelope(text: str) -> tuple[str, dict[str, Any]]:
     data = message.get("data", {})
     if data is None:
         data = {}
-    if not isinstance(data, dict):
-        error = ProtocolError(ErrorCode.INVALID_PAYLOAD, "data: must be a JSON object")
+    if not isinstance(data, dict) or bad_value:
+        error = ProtocolError(ErrorCode.INVALID_PAYLOAD, f"data: {bad_value or 'must be a JSON object'}")
         error.message_type = message_type  # answered with that type's own reply (§1.1)
+        error.data = data if isinstance(data, dict) else None
         raise error
     return message_type, data
 
@@ -263,8 +307,9 @@ class TaskResultPayload(WireModel):
     success: bool
     result: Any = None
     error: TaskResultError | None = None
-    execution_time: int | None = Field(default=None, ge=0)
-    attempt: int | None = None
+    # Bounded: the columns are 32-bit integers (a larger value failed the write).
+    execution_time: int | None = Field(default=None, ge=0, le=2_147_483_647)
+    attempt: int | None = Field(default=None, ge=0, le=2_147_483_647)
 
 
 class ToolResultPayload(BaseModel):

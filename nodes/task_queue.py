@@ -1,0 +1,231 @@
+"""The task queue's dispatch pass (PROTOCOL §3.3): queued tasks are given to eligible
+nodes, highest priority first and oldest first within a priority; tasks waiting for
+dependencies are released or cancelled.
+
+The node choice itself is ``nodes.dispatch`` (pure); this module re-checks it under
+row locks and claims. A claim locks the node row (so two hub processes cannot
+overfill a node: the in-flight count is taken under that lock) and the queued task
+row with ``skip_locked`` (so a task is never assigned twice). SQLite gets the same
+guarantees from ``transaction_mode=IMMEDIATE``. Every write that touches both rows
+locks the node first and the task second, so hub processes cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.db import DatabaseError, transaction
+from django.db.models import Count, F, Q
+from django.utils import timezone
+
+from nodes import dispatch, events
+from nodes.models import FINAL_TASK_STATUSES, Node, NodeProtocol, Task, TaskStatus
+from nodes.protocol import execute_tool_data, frame, task_assign_data, task_data
+
+logger = logging.getLogger(__name__)
+
+Outgoing = list[tuple[str, dict[str, Any]]]
+
+# Queued tasks looked at per dispatch pass, highest priority and oldest first.
+DISPATCH_BATCH = 500
+# Rows handled per sweep step; the next sweep takes the rest.
+SWEEP_BATCH = 1000
+ENDED_UNSUCCESSFULLY = frozenset(FINAL_TASK_STATUSES) - {TaskStatus.SUCCEEDED}
+NODE_FIELDS = (
+    "node_id",
+    "status",
+    "connection_id",
+    "channel_name",
+    "protocol",
+    "capabilities",
+    "tools",
+    "draining",
+    "max_concurrent_tasks",
+    "last_assigned_at",
+)
+
+
+def node_message(
+    node_id: str, channel_name: str, message_type: str, data: dict[str, Any]
+) -> tuple[str, dict]:
+    return (channel_name, {"type": "node.send", "nodeId": node_id, "frame": frame(message_type, data)})
+
+
+def publish_task(event_type: str, task: Task) -> None:
+    events.publish(event_type, {"task": task_data(task)})
+
+
+def lock_node(node_id: str) -> Node | None:
+    if not node_id:
+        return None
+    return Node.objects.select_for_update().filter(pk=node_id).first()
+
+
+def _in_flight_counts(node_ids: list[str]) -> dict[str, int]:
+    rows = (
+        Task.objects.filter(status=TaskStatus.ASSIGNED, assigned_node_id__in=node_ids)
+        .values("assigned_node_id")
+        .annotate(n=Count("task_id"))
+    )
+    return {row["assigned_node_id"]: row["n"] for row in rows}
+
+
+@dataclass
+class Claim:
+    assigned: tuple[str, dict] | None = None
+    task_gone: bool = False
+    node: Node | None = None  # fresh node row, when the cached one was out of date
+    in_flight: int = 0
+
+
+def claim_task(task_id: str, node_id: str) -> Claim:
+    """Assign one queued task to one node, re-checking both under their locks."""
+    with transaction.atomic():
+        node = lock_node(node_id)
+        if node is None:
+            return Claim()
+        task = (
+            Task.objects.select_for_update(skip_locked=True)
+            .filter(pk=task_id, status=TaskStatus.QUEUED)
+            .first()
+        )
+        now = timezone.now()
+        if task is None or task.dependencies_pending or (task.not_before and task.not_before > now):
+            return Claim(task_gone=True)
+        in_flight = Task.objects.filter(status=TaskStatus.ASSIGNED, assigned_node_id=node_id).count()
+        if not dispatch.is_eligible(node, task, in_flight):
+            return Claim(node=node, in_flight=in_flight)
+        task.status = TaskStatus.ASSIGNED
+        task.attempts += 1
+        task.assigned_node_id = node.node_id
+        task.assigned_connection_id = node.connection_id
+        task.assigned_at = now
+        task.deadline_at = now + timedelta(milliseconds=task.timeout_ms)
+        task.not_before = None
+        task.waiting_reason = ""
+        if node.node_id not in task.tried_node_ids:
+            task.tried_node_ids = [*task.tried_node_ids, node.node_id]
+        task.save(
+            update_fields=[
+                "status",
+                "attempts",
+                "assigned_node_id",
+                "assigned_connection_id",
+                "assigned_at",
+                "deadline_at",
+                "not_before",
+                "waiting_reason",
+                "tried_node_ids",
+            ]
+        )
+        Node.objects.filter(pk=node_id).update(total_tasks=F("total_tasks") + 1, last_assigned_at=now)
+        publish_task("task_assigned", task)
+    if node.protocol == NodeProtocol.VCP:
+        message = node_message(node.node_id, node.channel_name, "execute_tool", execute_tool_data(task))
+    else:
+        message = node_message(node.node_id, node.channel_name, "task_assign", task_assign_data(task))
+    logger.info("task %s attempt %d -> node %s", task.task_id, task.attempts, node.node_id)
+    return Claim(assigned=message)
+
+
+def task_dispatch_pending() -> Outgoing:
+    """Give queued tasks to eligible nodes (PROTOCOL §3.3), priority 10 first, oldest
+    first within a priority. Tasks that stay queued get their ``waitingReason``.
+    Safe to run in several processes at once."""
+    _settle_dependencies()
+    outgoing: Outgoing = []
+    nodes = {
+        node.node_id: node
+        for node in Node.objects.exclude(connection_id="")
+        .filter(status__in=dispatch.ASSIGNABLE_STATUSES)
+        .only(*NODE_FIELDS)
+    }
+    in_flight = _in_flight_counts(list(nodes))
+    now = timezone.now()
+    queued = (
+        Task.objects.filter(status=TaskStatus.QUEUED, dependencies_pending=False)
+        .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+        .order_by("-priority", "created_at", "task_id")
+        .only("task_id", "tool_name", "capability", "node_id", "tried_node_ids", "waiting_reason")
+    )
+    for task in queued[:DISPATCH_BATCH]:
+        for _ in range(5):  # a cached node row that turned out stale is refreshed and retried
+            node = dispatch.choose_node(task, nodes.values(), in_flight)
+            if node is None:
+                reason = dispatch.waiting_reason(task, nodes.values(), in_flight)
+                if reason and reason != task.waiting_reason:
+                    Task.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(
+                        waiting_reason=reason[:255]
+                    )
+                break
+            try:
+                claim = claim_task(task.task_id, node.node_id)
+            except DatabaseError:
+                logger.warning("could not claim task %s; the next pass retries", task.task_id, exc_info=True)
+                break
+            if claim.assigned is not None:
+                outgoing.append(claim.assigned)
+                in_flight[node.node_id] = in_flight.get(node.node_id, 0) + 1
+                node.last_assigned_at = timezone.now()
+                break
+            if claim.task_gone:
+                break
+            if claim.node is None or not dispatch.is_connected(claim.node):
+                nodes.pop(node.node_id, None)
+            else:
+                nodes[node.node_id] = claim.node
+                in_flight[node.node_id] = claim.in_flight
+    return outgoing
+
+
+def _settle_dependencies() -> None:
+    """Release tasks whose dependencies all succeeded; cancel those with a dependency
+    that ended any other way (and, in turn, their own dependents)."""
+    for _ in range(10):
+        waiting = list(
+            Task.objects.filter(status=TaskStatus.QUEUED, dependencies_pending=True).values_list(
+                "task_id", "depends_on"
+            )[:SWEEP_BATCH]
+        )
+        if not waiting:
+            return
+        statuses = dict(
+            Task.objects.filter(pk__in={d for _, deps in waiting for d in deps}).values_list(
+                "task_id", "status"
+            )
+        )
+        cancelled_any = False
+        for task_id, deps in waiting:
+            failed = [d for d in deps if statuses.get(d, TaskStatus.FAILED) in ENDED_UNSUCCESSFULLY]
+            if failed:
+                cancelled_any |= _cancel_for_dependency(task_id, failed, statuses)
+            elif all(statuses.get(d) == TaskStatus.SUCCEEDED for d in deps):
+                Task.objects.filter(pk=task_id, status=TaskStatus.QUEUED, dependencies_pending=True).update(
+                    dependencies_pending=False, waiting_reason=""
+                )
+        if not cancelled_any:
+            return
+
+
+def _cancel_for_dependency(task_id: str, failed: list[str], statuses: dict[str, str]) -> bool:
+    with transaction.atomic():
+        task = (
+            Task.objects.select_for_update(skip_locked=True)
+            .filter(pk=task_id, status=TaskStatus.QUEUED, dependencies_pending=True)
+            .first()
+        )
+        if task is None:
+            return False
+        described = ", ".join(f"{d} ({statuses.get(d, 'missing')})" for d in failed)
+        task.status = TaskStatus.CANCELLED
+        message = f"dependency did not succeed: {described}"
+        task.error = {"code": "dependency_failed", "message": message[:2000]}
+        task.finished_at = timezone.now()
+        task.dependencies_pending = False
+        task.waiting_reason = ""
+        task.save(update_fields=["status", "error", "finished_at", "dependencies_pending", "waiting_reason"])
+        publish_task("task_cancelled", task)
+    return True
