@@ -37,6 +37,10 @@ class HubProcess(models.Model):
     last_beat_at = models.DateTimeField(default=timezone.now, db_index=True)
     stopped_at = models.DateTimeField(null=True, blank=True)
 
+    class Meta:
+        verbose_name = "hub process"
+        verbose_name_plural = "hub processes"
+
     def __str__(self) -> str:
         return self.process_id
 
@@ -60,12 +64,12 @@ class NodeKey(models.Model):
     class Meta:
         ordering = ["-created_at"]
 
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
     @property
     def is_revoked(self) -> bool:
         return self.revoked_at is not None
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.prefix}…)"
 
 
 class Node(models.Model):
