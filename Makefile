@@ -49,3 +49,9 @@ bench: install
 
 clean:
 	rm -rf $(VENV) db.sqlite3* var/ .pytest_cache artifacts/
+
+# Long fuzz runs (issue 8): 100,000 protocol frames and 300 API examples per operation.
+fuzz: install
+	APEXBRIDGE_FUZZ_FRAMES=$${APEXBRIDGE_FUZZ_FRAMES:-100000} APEXBRIDGE_API_FUZZ_EXAMPLES=$${APEXBRIDGE_API_FUZZ_EXAMPLES:-300} \
+		$(PY) -m pytest tests/fuzz -q -s -p no:cacheprovider --timeout 7200 2>&1 \
+		| tee fuzz.log | grep -E "^protocol fuzz:|passed|failed"; test $${PIPESTATUS[0]} -eq 0

@@ -139,7 +139,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             "init_command": ("PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL;PRAGMA busy_timeout=20000;"),
         }
     )
-    DATABASES["default"].setdefault("TEST", {})
+    # Tests use a file, not the shared-cache in-memory database: that one fails at
+    # once with "database table is locked" when a second thread writes, instead of
+    # waiting on busy_timeout as the real (file) database does.
+    DATABASES["default"].setdefault("TEST", {}).setdefault(
+        "NAME", str(BASE_DIR / "var" / f"test-{os.getpid()}.sqlite3")
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer ---------------------------------------------------------------

@@ -154,15 +154,25 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
         message_type: str | None = None
         data: dict[str, Any] | None = None
         try:
-            message_type, data = parse_envelope(text_data)
+            payload_error: ProtocolError | None = None
+            try:
+                message_type, data = parse_envelope(text_data)
+            except ProtocolError as error:
+                if getattr(error, "message_type", None) is None:
+                    raise
+                # Bad data of a typed frame: an unknown type or a missing registration
+                # is still answered first, as for any other frame (§1.1).
+                message_type, data, payload_error = error.message_type, error.data, error
             handler = getattr(self, f"handle_{message_type}", None)
             if handler is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"Unknown message type {message_type!r}")
             if self.node_id is None and message_type not in PRE_REGISTRATION_TYPES:
                 raise ProtocolError(ErrorCode.NOT_REGISTERED, "Send node_register first")
+            if payload_error is not None:
+                raise payload_error
             await handler(data)
         except ProtocolError as error:
-            await self.reply_error(message_type or getattr(error, "message_type", None), data, error)
+            await self.reply_error(message_type, data, error)
         except Exception:
             logger.exception("error handling %s from %s", message_type, self.node_id or self.connection_id)
             await self.send(
@@ -318,7 +328,11 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
             )
         else:
             node = await database_sync_to_async(services.node_set_tools)(
-                node_id=self.node_id, connection_id=self.connection_id, tools=names, manifests=manifests
+                node_id=self.node_id,
+                connection_id=self.connection_id,
+                tools=names,
+                manifests=manifests,
+                identity=self.identity,
             )
             if node is None:
                 raise ProtocolError(

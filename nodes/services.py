@@ -212,13 +212,22 @@ def node_unregister(*, node_id: str, reason: str, connection_id: str | None = No
 
 @transaction.atomic
 def node_set_tools(
-    *, node_id: str, connection_id: str, tools: list[str], manifests: list[dict[str, Any]] | None
+    *,
+    node_id: str,
+    connection_id: str,
+    tools: list[str],
+    manifests: list[dict[str, Any]] | None,
+    identity: KeyIdentity | None = None,
 ) -> Node | None:
     node = Node.objects.select_for_update().filter(pk=node_id, connection_id=connection_id).first()
     if node is None:
         return None
     node.tools = list(dict.fromkeys(tools))
     if node.protocol == NodeProtocol.VCP:
+        # A VCP node's tools are its capabilities: the key must allow them, as at
+        # registration (otherwise a second register_tools widened a restricted key).
+        if identity is not None:
+            _check_key_allows(identity, None, node.tools)
         node.capabilities = list(node.tools)
     if manifests is not None:
         node.tool_manifests = manifests

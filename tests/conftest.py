@@ -10,11 +10,19 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 from channels.testing import WebsocketCommunicator
 
 REQUIRE_SERVICES = os.environ.get("APEXBRIDGE_REQUIRE_SERVICES") == "1"
+
+
+def pytest_configure(config):
+    # The SQLite test database is a file under var/ (see settings.DATABASES TEST NAME).
+    from django.conf import settings
+
+    Path(settings.BASE_DIR, "var").mkdir(exist_ok=True)
 TEST_SHARED_KEY = "test-shared-key-0123456789"
 
 
@@ -30,6 +38,20 @@ def skip_or_fail(reason: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"{reason} (APEXBRIDGE_REQUIRE_SERVICES=1)")
     pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_redis_quota_state(settings):
+    """With REDIS_URL (pass 2 of make test) quota buckets live in Redis, outside the
+    test database: empty them so one test's spending never limits the next."""
+    if settings.REDIS_URL:
+        import redis
+
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        keys = list(client.scan_iter("apexbridge:quota:*"))
+        if keys:
+            client.delete(*keys)
+    yield
 
 
 @pytest.fixture(autouse=True)

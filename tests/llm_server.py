@@ -11,6 +11,7 @@ after the provider prefix):
 | ``no-usage``     | same, but never any ``usage``                                     |
 | ``slow``         | stream: one chunk every 50 ms for ~30 s; plain: waits 30 s        |
 | ``hang``         | waits 30 s before sending anything (for the hub's time-out)       |
+| ``garbage``      | 200 with a body that is not JSON (a broken upstream)              |
 | ``rate-limited`` | 429                                                               |
 | ``bad-key``      | 401                                                               |
 | ``too-long``     | 400 ``context_length_exceeded``                                   |
@@ -137,6 +138,8 @@ class LoopbackLLMServer:
         if model in ERROR_REPLIES:
             status, error = ERROR_REPLIES[model]
             return web.json_response({"error": error}, status=status)
+        if model == "garbage":  # a broken upstream: 200 with a body that is not JSON
+            return web.Response(text="<html>\x00 not json {", content_type="application/json")
         if model == "hang" or (model == "slow" and not stream):
             if not await self._wait_or_disconnect(request, recorded, SLOW_SECONDS):
                 return web.Response(status=499)  # nobody is listening any more

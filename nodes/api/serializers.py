@@ -8,6 +8,7 @@ the bodies for the OpenAPI schema. The bodies themselves are built by
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema_serializer
 from rest_framework import serializers
 
 from nodes.admin_services import CONTROL_ACTIONS
@@ -115,6 +116,9 @@ class NodeInfoSerializer(serializers.Serializer):
     stats = NodeInfoStatsSerializer()
 
 
+# many=False: the list action answers one envelope object, not an array of them
+# (without it the schema said `array`, and schemathesis found every answer wrong).
+@extend_schema_serializer(many=False)
 class NodeListResponseSerializer(serializers.Serializer):
     success = serializers.BooleanField()
     nodes = NodeInfoSerializer(many=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -24,16 +26,23 @@ def client_admin(client, admin_user):
 
 @pytest.fixture
 def channel() -> str:
-    """A real channel on the in-memory layer, to see what a node connection would get."""
+    """A real channel on the configured layer, to see what a node connection would get."""
     return async_to_sync(get_channel_layer().new_channel)()
 
 
 def received(channel: str) -> list[dict]:
-    queue = get_channel_layer().channels.get(channel)
-    messages = []
-    while queue is not None and not queue.empty():
-        messages.append(queue.get_nowait()[1])
-    return messages
+    """Everything sent to ``channel`` so far (works on the in-memory and Redis layers)."""
+
+    async def drain() -> list[dict]:
+        layer = get_channel_layer()
+        messages = []
+        while True:
+            try:
+                messages.append(await asyncio.wait_for(layer.receive(channel), 0.3))
+            except TimeoutError:
+                return messages
+
+    return async_to_sync(drain)()
 
 
 @pytest.fixture

@@ -1,0 +1,168 @@
+"""Faults around a real hub process (issue 8): a hanging or broken LLM upstream, and
+the Redis channel layer restarted under a connected node.
+
+The shared PostgreSQL and Redis servers are never stopped (other runs use them):
+the Redis test starts a private ``redis-server`` on a free port. A PostgreSQL outage
+is not tested (see docs/SECURITY.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import skip_or_fail
+from tests.e2e.harness import WsNode, free_port, port_open, wait_for
+from tests.llm_server import LoopbackLLMServer
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def llm_server():
+    server = LoopbackLLMServer().start()
+    yield server
+    server.stop()
+
+
+async def _echo_task_round_trip(hub, node: WsNode, node_id: str) -> None:
+    status, body = await hub.aapi(
+        "POST", "/api/tasks", {"toolName": "echo", "toolArgs": {"n": 1}, "nodeId": node_id}
+    )
+    assert status == 201, body
+    assign = await node.recv_type("task_assign", timeout=15)
+    task_id = assign["data"]["taskId"]
+    await node.send("task_result", {"taskId": task_id, "success": True, "result": {"n": 1}})
+    ack = await node.recv_type("task_result_ack")
+    assert ack["data"]["success"] is True
+    status, body = await hub.aapi("GET", f"/api/tasks/{task_id}")
+    assert body["task"]["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("model, code", [("hang", "upstream_timeout"), ("garbage", "upstream_error")])
+async def test_a_bad_llm_upstream_fails_clearly_and_the_hub_keeps_serving(make_hub, llm_server, model, code):
+    # Given a hub whose upstream hangs or answers garbage, with a short LLM time-out
+    hub = make_hub(
+        env={
+            "APEXBRIDGE_LLM_MODEL": "openai/test-model",
+            "APEXBRIDGE_LLM_API_BASE": llm_server.api_base,
+            "APEXBRIDGE_LLM_API_KEY": "sk-fault-secret",
+            "APEXBRIDGE_LLM_TIMEOUT_MS": "1500",
+        }
+    )
+    node = await WsNode(hub.node_url()).connect()
+    try:
+        await node.register("fault-1", tools=["echo"])
+        # When the node asks the model
+        await node.send(
+            "llm_request",
+            {"requestId": "r-1", "model": f"openai/{model}", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        # Then heartbeats and tasks are served meanwhile
+        started = time.monotonic()
+        await node.send("heartbeat", {"status": "online"})
+        assert (await node.recv_type("heartbeat_ack", timeout=3))["data"]["success"] is True
+        await _echo_task_round_trip(hub, node, "fault-1")
+        # And the node gets one clear failure
+        reply = await node.recv_type("llm_response", timeout=20)
+        assert reply["data"]["success"] is False
+        assert reply["data"]["error"]["code"] == code, reply
+        assert time.monotonic() - started < 15
+        assert "sk-fault-secret" not in hub.log_text()
+    finally:
+        await node.close()
+
+
+class PrivateRedis:
+    """A throw-away redis-server (never the machine's shared one)."""
+
+    def __init__(self, workdir) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not port_open("127.0.0.1", self.port):
+            assert time.monotonic() < deadline, "private redis-server did not start"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    if shutil.which("redis-server") is None:
+        skip_or_fail("redis-server is not installed")
+    redis = PrivateRedis(tmp_path)
+    redis.start()
+    yield redis
+    redis.kill()
+
+
+async def test_redis_restart_under_a_connected_node(make_hub, private_redis):
+    # Given a hub on a private Redis channel layer, with a registered node
+    hub = make_hub(env={"REDIS_URL": private_redis.url})
+    node = await WsNode(hub.node_url()).connect()
+    try:
+        await node.register("redis-1", tools=["echo"])
+        await _echo_task_round_trip(hub, node, "redis-1")
+
+        # When Redis dies and comes back on the same port
+        private_redis.kill()
+        await asyncio.sleep(1)
+        private_redis.start()
+
+        # Then the hub recovers by itself. A socket whose channel-layer reader died
+        # with Redis is closed (1011); the node reconnects, as the node client does,
+        # and heartbeats and tasks work again.
+        try:
+            await node.send("heartbeat", {"status": "online"})
+            assert (await node.recv_type("heartbeat_ack", timeout=5))["data"]["success"] is True
+        except (ConnectionClosed, TimeoutError):
+            await node.close()
+            node = await WsNode(hub.node_url()).connect()
+            await node.register("redis-1", tools=["echo"])
+
+        async def delivered():
+            try:
+                await _echo_task_round_trip(hub, node, "redis-1")
+                return True
+            except (TimeoutError, AssertionError):
+                return False
+
+        await wait_for(delivered, timeout=60, interval=1, what="a task delivered after the Redis restart")
+        status, body = await hub.aapi("GET", "/api/admin/tasks?status=queued")
+        assert status == 200
+    finally:
+        await node.close()
+    assert hub.process.poll() is None  # the hub process survived

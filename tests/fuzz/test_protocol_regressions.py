@@ -1,0 +1,107 @@
+"""Regressions found by the protocol fuzzer (tests/fuzz/test_protocol_fuzz.py).
+
+Each of these frames once made the hub answer ``internal_error`` (the database
+refused the value) or answer with the wrong code; now each is refused as §1.1
+says, the connection stays healthy and nothing stored changes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from channels.db import database_sync_to_async
+
+from nodes import task_services
+from nodes.models import Node, NodeLog, Task
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def snapshot() -> str:
+    return json.dumps([list(m.objects.order_by("pk").values()) for m in (Node, NodeLog, Task)], default=str)
+
+
+async def state() -> str:
+    return await database_sync_to_async(snapshot)()
+
+
+# JSON text a real client can send whose values no column takes: NaN / Infinity
+# (Python's json reads them), numbers that overflow to infinity, \u0000 and lone
+# surrogates (rejected by PostgreSQL text/jsonb, and SQLite's JSON_VALID for NaN).
+BAD_VALUES = ["NaN", "Infinity", "-Infinity", "1e400", '"a\\u0000b"', '"\\ud800"', '"x\\uDFFFy"']
+
+
+@pytest.mark.parametrize("value", BAD_VALUES)
+@pytest.mark.parametrize(
+    "template, reply_type",
+    [
+        ('{"type":"node_log","data":{"message":"m","context":{"v":%s}}}', "error"),
+        ('{"type":"heartbeat","data":{"resources":{"cpu":%s}}}', "heartbeat_ack"),
+        ('{"type":"report_ip","data":{"publicIP":"1.2.3.4","extra":[%s]}}', "error"),
+        (
+            '{"type":"node_register","data":{"nodeId":"rg-1","name":"n","capabilities":[],'
+            '"personality":{"v":%s}}}',
+            "node_registered",
+        ),
+        ('{"type":"register_tools","data":{"tools":["echo"],"serverName":"s","x":%s}}', "register_ack"),
+    ],
+)
+async def test_unstorable_values_are_invalid_payload(node_socket, value, template, reply_type):
+    node = await node_socket()
+    await node.register("rg-1")
+    before = await state()
+
+    await node.send_raw(template % value)
+    reply = await node.receive()
+
+    assert reply["type"] == reply_type
+    error = reply["data"] if reply_type == "error" else reply["data"]["error"]
+    assert error["code"] == "invalid_payload"
+    assert reply_type == "error" or reply["data"]["success"] is False
+    assert await state() == before
+    assert (await node.request("heartbeat", {}))["data"]["success"] is True
+
+
+async def test_escaped_pairs_and_escaped_backslashes_are_still_accepted(node_socket):
+    node = await node_socket()
+    await node.register("rg-2")
+    await node.send_raw('{"type":"node_log","data":{"message":"ok \\ud83d\\ude00 \\\\ud800 \\\\u0000"}}')
+    assert (await node.request("ping"))["type"] == "pong"  # no error frame before the pong
+    log = await NodeLog.objects.filter(node_id="rg-2", event="node_log").afirst()
+    assert log.message == "ok \U0001f600 \\ud800 \\u0000"
+
+
+@pytest.mark.parametrize("field", ["executionTime", "attempt"])
+async def test_task_result_numbers_beyond_the_columns_are_invalid_payload(node_socket, field):
+    node = await node_socket()
+    await node.register("rg-3")
+    await database_sync_to_async(task_services.task_submit)(tool_name="echo", node_id="rg-3")
+    task_id = (await node.receive_type("task_assign"))["data"]["taskId"]
+    before = await state()
+
+    reply = await node.request("task_result", {"taskId": task_id, "success": True, field: 10**30})
+
+    assert reply["type"] == "task_result_ack"
+    assert reply["data"]["success"] is False and reply["data"]["error"]["code"] == "invalid_payload"
+    assert field in reply["data"]["error"]["message"]
+    assert await state() == before
+    # The real result is still accepted afterwards.
+    ok = await node.request("task_result", {"taskId": task_id, "success": True, "result": 1})
+    assert ok["data"]["success"] is True
+
+
+async def test_unknown_type_with_bad_data_is_unknown_type(node_socket):
+    node = await node_socket()
+    await node.send_raw('{"type":"launch","data":[1]}')
+    assert (await node.receive())["data"]["code"] == "unknown_type"
+    await node.send_raw('{"type":"launch","data":{"x":NaN}}')
+    assert (await node.receive())["data"]["code"] == "unknown_type"
+
+
+async def test_unregistered_node_with_bad_data_is_not_registered(node_socket):
+    node = await node_socket()
+    await node.send_raw('{"type":"heartbeat","data":"busy"}')
+    assert (await node.receive())["data"]["code"] == "not_registered"
+    await node.send_raw('{"type":"task_result","data":{"executionTime":NaN}}')
+    assert (await node.receive())["data"]["code"] == "not_registered"
