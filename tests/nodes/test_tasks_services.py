@@ -340,6 +340,8 @@ def test_concurrent_dispatchers_never_overfill_a_node_or_assign_twice():
     # Given three nodes of two slots each and forty queued tasks
     import threading
 
+    from django.db import connection
+
     for name in ("a", "b", "c"):
         make_node(name, max_concurrent_tasks=2)
     for _ in range(40):
