@@ -14,10 +14,15 @@ unset DATABASE_URL REDIS_URL
 port_open() { "$PY" -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1)" "$1" 2>/dev/null; }
 
 status=0
-echo "== pass 1: embedded defaults (SQLite + in-memory channel layer)"
-"$PY" -m pytest "$@" || status=1
+# Pass 1 runs on pytest-xdist workers: most end-to-end tests wait on sockets and
+# time-outs, not on the CPU. Each worker has its own SQLite test file, PostgreSQL
+# databases and Redis database (see tests/e2e/harness.py).
+WORKERS="${APEXBRIDGE_TEST_WORKERS:-3}"
+echo "== pass 1: embedded defaults (SQLite + in-memory channel layer), $WORKERS workers"
+"$PY" -m pytest -n "$WORKERS" "$@" || status=1
 
 if port_open 5432 && port_open 6379; then
+  # One process: the admin events group and quota keys in Redis are shared.
   echo "== pass 2: database and channel-layer tests on PostgreSQL + Redis"
   DATABASE_URL="${APEXBRIDGE_TEST_DATABASE_URL:-postgres://root@127.0.0.1:5432/apexbridge}" \
   REDIS_URL="${APEXBRIDGE_TEST_REDIS_LAYER_URL:-redis://127.0.0.1:6379/0}" \

@@ -136,7 +136,10 @@ def redis_url_for_test() -> str:
     """A Redis database of its own (1–15), emptied, so parallel runs don't mix."""
     import redis
 
-    number = 1 + (os.getpid() + int(time.time())) % 15
+    # One database per pytest-xdist worker (gw0 -> 1, gw1 -> 2, …): tests of one
+    # worker run one after another, so a worker may empty its own database.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    number = 1 + (int(worker) if worker.isdigit() else 0) % 15
     url = f"{REDIS_TEST_URL}/{number}"
     redis.Redis.from_url(url).flushdb()
     return url
@@ -197,7 +200,10 @@ class HubServer:
                 time.sleep(0.1)
         raise RuntimeError(f"{self.name} did not start in {timeout}s:\n{self.log_tail()}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 3) -> None:
+        """Stop the hub; SIGKILL after ``timeout``. Daphne waits up to its
+        application_close_timeout (10 s) for consumers still finishing a disconnect,
+        which a test gains nothing from."""
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(sig)
