@@ -17,7 +17,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
-from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer, AsyncWebsocketConsumer
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
@@ -99,9 +98,7 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
                 "missing" if not presented else "wrong or revoked",
             )
             await self.close()  # before accept: the client gets HTTP 403
-            # Daphne sends no disconnect for a refused handshake: end the consumer now
-            # instead of leaving it to daphne's application_close_timeout.
-            raise StopConsumer()
+            return
         self.identity = identity
         await self.accept()
         runtime.ensure_started()
@@ -404,7 +401,7 @@ class AdminEventsConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         if not self._origin_allowed() or not await self._is_staff():
             await self.close()  # before accept: HTTP 403
-            raise StopConsumer()
+            return
         await self.channel_layer.group_add(ADMIN_EVENTS_GROUP, self.channel_name)
         await self.accept()
 

@@ -137,6 +137,17 @@ def task_dispatch_pending() -> Outgoing:
     Safe to run in several processes at once."""
     _settle_dependencies()
     outgoing: Outgoing = []
+    now = timezone.now()
+    queued = list(
+        Task.objects.filter(status=TaskStatus.QUEUED, dependencies_pending=False)
+        .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+        .order_by("-priority", "created_at", "task_id")
+        .only("task_id", "tool_name", "capability", "node_id", "tried_node_ids", "waiting_reason")[
+            :DISPATCH_BATCH
+        ]
+    )
+    if not queued:
+        return outgoing  # the common case on a busy hub: no node rows to read
     nodes = {
         node.node_id: node
         for node in Node.objects.exclude(connection_id="")
@@ -144,14 +155,7 @@ def task_dispatch_pending() -> Outgoing:
         .only(*NODE_FIELDS)
     }
     in_flight = _in_flight_counts(list(nodes))
-    now = timezone.now()
-    queued = (
-        Task.objects.filter(status=TaskStatus.QUEUED, dependencies_pending=False)
-        .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
-        .order_by("-priority", "created_at", "task_id")
-        .only("task_id", "tool_name", "capability", "node_id", "tried_node_ids", "waiting_reason")
-    )
-    for task in queued[:DISPATCH_BATCH]:
+    for task in queued:
         for _ in range(5):  # a cached node row that turned out stale is refreshed and retried
             node = dispatch.choose_node(task, nodes.values(), in_flight)
             if node is None:

@@ -115,6 +115,10 @@ async def open_node_socket(
     node = NodeSocket(communicator)
     if connected:
         node.ack = await node.receive()
+    else:
+        # Let the refused consumer finish now, as daphne's disconnect would: left
+        # running, it holds a channel-layer receive until the event loop is torn down.
+        await communicator.disconnect()
     return node, connected, code
 
 
