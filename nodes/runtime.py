@@ -20,6 +20,7 @@ import atexit
 import logging
 import os
 import socket
+import sqlite3
 import time
 import uuid
 from datetime import UTC, datetime
@@ -170,6 +171,7 @@ class HubRuntime:
         self._started_once = True
         if first:
             atexit.register(self._mark_stopped)
+            self._keep_sqlite_wal()
         self._tasks = [
             loop.create_task(self._run_every(settings.APEXBRIDGE_HEARTBEAT_FLUSH_MS, self.flush_heartbeats)),
             loop.create_task(self._run_sweeps(first)),
@@ -192,6 +194,18 @@ class HubRuntime:
                 raise
             except Exception:
                 logger.exception("background step %s failed; will retry", getattr(step, "__name__", step))
+
+    def _keep_sqlite_wal(self) -> None:
+        """Hold one idle SQLite connection for the life of the process. With
+        CONN_MAX_AGE = 0 every unit of work opens and closes a connection, and when
+        the last one closes SQLite checkpoints and deletes the WAL file: an idle
+        holder makes each close cheap (about a third of the cost, measured)."""
+        database = settings.DATABASES["default"]
+        name = str(database.get("NAME", ""))
+        if not database["ENGINE"].endswith("sqlite3") or not name or name == ":memory:":
+            return
+        self._sqlite_holder = sqlite3.connect(name, isolation_level=None, check_same_thread=False)
+        self._sqlite_holder.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
 
     def _mark_stopped(self) -> None:
         """At exit, tell the other processes at once that our sockets are gone."""
