@@ -72,6 +72,12 @@ class LLMProxyConsumerMixin:
     async def _llm_send(self, message_type: str, data: dict[str, Any]) -> None:
         if self._llm_closing:
             return  # nobody to tell: the connection is gone
+        if message_type == "llm_response":
+            # The final reply: its slot and tokens are already settled, and the node may
+            # reuse the requestId the moment it reads this, so it is no longer in flight.
+            requests = self._llm_requests()
+            if requests.get(data.get("requestId")) is asyncio.current_task():
+                del requests[data["requestId"]]
         try:
             await self.send_frame(message_type, data)
         except Exception:
