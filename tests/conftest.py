@@ -23,6 +23,8 @@ def pytest_configure(config):
     from django.conf import settings
 
     Path(settings.BASE_DIR, "var").mkdir(exist_ok=True)
+
+
 TEST_SHARED_KEY = "test-shared-key-0123456789"
 
 
@@ -52,6 +54,26 @@ def _fresh_redis_quota_state(settings):
         if keys:
             client.delete(*keys)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _empty_heartbeat_buffer():
+    """The process's heartbeat buffer outlives a test: start and end each one empty."""
+    from nodes.runtime import runtime
+
+    runtime._buffer.clear()
+    runtime.vcp_connections.clear()
+    yield
+    runtime._buffer.clear()
+    runtime.vcp_connections.clear()
+
+
+async def wait_closed(node: NodeSocket, timeout: float = 3) -> int:
+    """The close code the hub sent to this socket (other frames are skipped)."""
+    while True:
+        output = await node.communicator.receive_output(timeout)
+        if output["type"] == "websocket.close":
+            return output.get("code", 1000)
 
 
 @pytest.fixture(autouse=True)

@@ -10,27 +10,11 @@ from django.utils import timezone
 
 from nodes.models import Node, NodeLog
 from nodes.runtime import runtime
+from tests.conftest import wait_closed
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 OLD = timezone.now() - timedelta(hours=1)
-
-
-@pytest.fixture(autouse=True)
-def empty_heartbeat_buffer():
-    runtime._buffer.clear()
-    runtime.vcp_connections.clear()
-    yield
-    runtime._buffer.clear()
-    runtime.vcp_connections.clear()
-
-
-async def wait_closed(node, timeout: float = 3) -> int:
-    """The close code the hub sent to this socket (other frames are skipped)."""
-    while True:
-        output = await node.communicator.receive_output(timeout)
-        if output["type"] == "websocket.close":
-            return output.get("code", 1000)
 
 
 # --- node_register -----------------------------------------------------------------------

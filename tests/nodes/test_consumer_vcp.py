@@ -14,7 +14,7 @@ from django.utils import timezone
 from nodes import services
 from nodes.models import Node, NodeLog
 from nodes.runtime import runtime
-from tests.conftest import TEST_SHARED_KEY
+from tests.conftest import TEST_SHARED_KEY, wait_closed
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -39,22 +39,6 @@ MANIFESTS = [
         "pluginSpecificEnvConfig": {"TOKEN": SECRET},
     },
 ]
-
-
-@pytest.fixture(autouse=True)
-def empty_heartbeat_buffer():
-    runtime._buffer.clear()
-    runtime.vcp_connections.clear()
-    yield
-    runtime._buffer.clear()
-    runtime.vcp_connections.clear()
-
-
-async def wait_closed(node, timeout: float = 3) -> int:
-    while True:
-        output = await node.communicator.receive_output(timeout)
-        if output["type"] == "websocket.close":
-            return output.get("code", 1000)
 
 
 # --- register_tools: VCP auto-registration -------------------------------------------------

@@ -21,15 +21,6 @@ from nodes.runtime import runtime
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture(autouse=True)
-def empty_heartbeat_buffer():
-    runtime._buffer.clear()
-    runtime.vcp_connections.clear()
-    yield
-    runtime._buffer.clear()
-    runtime.vcp_connections.clear()
-
-
 def after_timeout(extra_ms: int = 1000):
     return timezone.now() + timedelta(milliseconds=django_settings.APEXBRIDGE_HEARTBEAT_TIMEOUT_MS + extra_ms)
 
