@@ -55,3 +55,9 @@ fuzz: install
 	APEXBRIDGE_FUZZ_FRAMES=$${APEXBRIDGE_FUZZ_FRAMES:-100000} APEXBRIDGE_API_FUZZ_EXAMPLES=$${APEXBRIDGE_API_FUZZ_EXAMPLES:-300} \
 		$(PY) -m pytest tests/fuzz -q -s -p no:cacheprovider --timeout 7200 2>&1 \
 		| tee fuzz.log | grep -E "^protocol fuzz:|passed|failed"; test $${PIPESTATUS[0]} -eq 0
+
+# Soak (issue 8, not part of CI): one hub, 1,000 nodes, tasks + LLM calls for 10 minutes;
+# a table of RSS, fds, DB connections, Redis keys and row counts over time, then verdicts.
+# e.g. make soak SOAK_ARGS="--minutes 1 --nodes 100" or SOAK_ARGS="--backend services".
+soak: install
+	$(PY) bench/soak.py $(SOAK_ARGS)
