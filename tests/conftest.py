@@ -57,18 +57,6 @@ def _fresh_redis_quota_state(settings):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_channel_layer():
-    """A new channel-layer instance per test. channels_redis binds its locks and pools
-    to the event loop that first used them; a test with another loop (each async test
-    has its own) must not inherit a layer a previous test left mid-receive."""
-    from channels.layers import channel_layers
-
-    channel_layers.backends.clear()
-    yield
-    channel_layers.backends.clear()
-
-
-@pytest.fixture(autouse=True)
 def _empty_heartbeat_buffer():
     """The process's heartbeat buffer outlives a test: start and end each one empty."""
     from nodes.runtime import runtime

@@ -107,6 +107,7 @@ async def test_unregistered_node_with_bad_data_is_not_registered(node_socket):
     assert (await node.receive())["data"]["code"] == "not_registered"
 
 
+@pytest.mark.django_db
 def test_unknown_api_path_with_a_newline_answers_the_json_envelope(client):
     # Found by the long API fuzz run: a node id with %0A fell through to Django's HTML 404.
     response = client.get("/api/admin/nodes/%F3%AE%80%BC%0Ag")
