@@ -25,7 +25,7 @@ urlpatterns = [
     path("api/", include("nodes.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
-    re_path(r"^api/(?P<rest>.*)$", api_not_found),
+    re_path(r"^api/(?P<rest>[\s\S]*)$", api_not_found),  # [\s\S]: a %0A in the path too
     # Daphne serves no files: the admin's and the dashboard's assets (vendored, so the
     # hub works offline) come from the staticfiles finders, in production too.
     re_path(r"^static/(?P<path>.*)$", serve_static, {"insecure": True}),

@@ -146,7 +146,9 @@ def parse_envelope(text: str) -> tuple[str, dict[str, Any]]:
     """Parse a text frame into (type, data), raising ProtocolError as §1.1 says."""
     try:
         message, bad_value = _loads_strict(text)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise ProtocolError(ErrorCode.INVALID_JSON, "Frame is nested too deeply to parse") from None
+    except ValueError:
         raise ProtocolError(ErrorCode.INVALID_JSON, "Frame is not valid JSON") from None
     if not isinstance(message, dict):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Frame must be a JSON object")

@@ -16,6 +16,8 @@ from nodes.models import NodeStatus, NodeType, TaskStatus
 from nodes.selectors import NODE_LOG_LEVELS
 
 MAX_PAGE = 1000
+# An OFFSET past 64 bits makes the database fail (a 500): refuse absurd ones up front.
+MAX_OFFSET = 2**31 - 1
 
 
 # --- requests ----------------------------------------------------------------------
@@ -26,7 +28,7 @@ class LoginRequestSerializer(serializers.Serializer):
 
 class PageQuerySerializer(serializers.Serializer):
     limit = serializers.IntegerField(min_value=1, max_value=MAX_PAGE, default=100)
-    offset = serializers.IntegerField(min_value=0, default=0)
+    offset = serializers.IntegerField(min_value=0, max_value=MAX_OFFSET, default=0)
 
 
 class NodeListQuerySerializer(PageQuerySerializer):

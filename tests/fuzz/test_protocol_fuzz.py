@@ -212,9 +212,36 @@ frame_specs = st.lists(
 
 
 # --- the oracle -----------------------------------------------------------------------------
+def _depth(value) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
+# Nesting the hub's parser may refuse as too deep (invalid_json), depending on the
+# stack it parses on; a shallower frame must never get that answer.
+PARSER_DEPTH_MARGIN = 300
+
+
 def expected_replies(text: str, registered: bool) -> tuple[set[str], bool]:
     """(acceptable reply kinds, whether a reply is required) for one frame.
     A kind is a reply type, or ``error:<code>`` for plain error frames."""
+    kinds, required = _expected_replies(text, registered)
+    try:
+        if _depth(json.loads(text)) > PARSER_DEPTH_MARGIN:
+            kinds = kinds | {"error:invalid_json"}
+    except (ValueError, RecursionError):
+        pass
+    return kinds, required
+
+
+def _expected_replies(text: str, registered: bool) -> tuple[set[str], bool]:
     try:
         message = json.loads(text)
     except (ValueError, RecursionError):

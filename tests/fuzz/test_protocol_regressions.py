@@ -105,3 +105,21 @@ async def test_unregistered_node_with_bad_data_is_not_registered(node_socket):
     assert (await node.receive())["data"]["code"] == "not_registered"
     await node.send_raw('{"type":"task_result","data":{"executionTime":NaN}}')
     assert (await node.receive())["data"]["code"] == "not_registered"
+
+
+@pytest.mark.django_db
+def test_unknown_api_path_with_a_newline_answers_the_json_envelope(client):
+    # Found by the long API fuzz run: a node id with %0A fell through to Django's HTML 404.
+    response = client.get("/api/admin/nodes/%F3%AE%80%BC%0Ag")
+    assert response.status_code in (401, 403, 404)
+    assert response["Content-Type"].startswith("application/json")
+    assert response.json()["success"] is False
+
+
+@pytest.mark.django_db
+def test_a_huge_offset_is_a_400_not_a_server_error(admin_client):
+    # Found by the long API fuzz run: an offset past 64 bits made the database fail (500).
+    response = admin_client.get("/api/admin/nodes?offset=23126395850500062838784")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_payload"
+    assert response.json()["success"] is False
