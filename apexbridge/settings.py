@@ -149,6 +149,10 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer ---------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")
+# Every key the hub keeps in Redis starts with this prefix (channel layer and quota
+# buckets), so several hubs, or several test runs, can share one Redis server.
+APEXBRIDGE_REDIS_PREFIX = env_str("APEXBRIDGE_REDIS_PREFIX", "apexbridge")
+APEXBRIDGE_QUOTA_REDIS_PREFIX = f"{APEXBRIDGE_REDIS_PREFIX}:quota:"
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -168,6 +172,7 @@ if REDIS_URL:
                         "socket_keepalive": True,
                     }
                 ],
+                "prefix": f"{APEXBRIDGE_REDIS_PREFIX}:asgi",
                 "capacity": env_int("APEXBRIDGE_CHANNEL_CAPACITY", 5000),
                 "expiry": 60,
                 "group_expiry": 86400 * 7,
@@ -271,6 +276,9 @@ APEXBRIDGE_MAX_NODES = env_int("APEXBRIDGE_MAX_NODES", 10000)
 APEXBRIDGE_MAX_FRAME_BYTES = env_int("APEXBRIDGE_MAX_FRAME_BYTES", 1048576)
 APEXBRIDGE_MAX_PROTOCOL_ERRORS = env_int("APEXBRIDGE_MAX_PROTOCOL_ERRORS", 100)
 APEXBRIDGE_NODE_LOG_CAP = env_int("APEXBRIDGE_NODE_LOG_CAP", 1000)
+# Days to keep LLMRequestLog rows and finished tasks (nodes/retention.py); 0 keeps them forever.
+APEXBRIDGE_LLM_LOG_RETENTION_DAYS = env_int("APEXBRIDGE_LLM_LOG_RETENTION_DAYS", 30)
+APEXBRIDGE_TASK_RETENTION_DAYS = env_int("APEXBRIDGE_TASK_RETENTION_DAYS", 30)
 
 APEXBRIDGE_LLM_MODEL = env_str("APEXBRIDGE_LLM_MODEL")
 APEXBRIDGE_LLM_MODELS = env_list("APEXBRIDGE_LLM_MODELS")

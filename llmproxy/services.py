@@ -107,11 +107,8 @@ def llm_request_admit(*, call: LLMCall) -> Refusal | None:
         request_id=call.request_id,
     )
     if refusal is not None:
-        LLMRequestLog.objects.create(
-            node_id=call.node_id,
-            request_id=call.request_id,
-            model=call.model,
-            stream=call.stream,
+        _llm_request_log_create(
+            call=call,
             outcome=LLMOutcome.RATE_LIMITED,
             error_code=LLMErrorCode.QUOTA_EXCEEDED,
             error_message=refusal.limit,
@@ -131,17 +128,12 @@ def llm_request_finish(
     """Free the stream slot, count the tokens and log the request, all or nothing."""
     with transaction.atomic():
         quota_services.quota_record_tokens(node_id=call.node_id, tokens=usage.total_tokens)
-        LLMRequestLog.objects.create(
-            node_id=call.node_id,
-            request_id=call.request_id,
-            model=call.model,
-            stream=call.stream,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            total_tokens=usage.total_tokens,
+        _llm_request_log_create(
+            call=call,
+            outcome=outcome,
+            usage=usage,
             usage_estimated=usage_estimated,
             latency_ms=latency_ms,
-            outcome=outcome,
             error_code=error.code if error else "",
             error_message=error.message[:2000] if error else "",
         )
@@ -150,6 +142,36 @@ def llm_request_finish(
         quota_services.quota_release_stream(
             node_id=call.node_id, connection_id=call.connection_id, request_id=call.request_id
         )
+
+
+def _llm_request_log_create(
+    *,
+    call: LLMCall,
+    outcome: str,
+    usage: Usage | None = None,
+    usage_estimated: bool = False,
+    latency_ms: int | None = None,
+    error_code: str = "",
+    error_message: str = "",
+) -> LLMRequestLog:
+    """The request's one log row. A request refused before it ran used no tokens
+    and has no latency (left empty, not 0)."""
+    if usage is None:
+        usage = Usage()
+    return LLMRequestLog.objects.create(
+        node_id=call.node_id,
+        request_id=call.request_id,
+        model=call.model,
+        stream=call.stream,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        usage_estimated=usage_estimated,
+        latency_ms=latency_ms,
+        outcome=outcome,
+        error_code=error_code,
+        error_message=error_message,
+    )
 
 
 def llm_stream_renew(*, call: LLMCall) -> None:

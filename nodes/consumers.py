@@ -25,6 +25,7 @@ from llmproxy.consumer import LLMProxyConsumerMixin
 from nodes import auth, services
 from nodes.consumer_tasks import TaskConsumerMixin
 from nodes.events import ADMIN_EVENTS_GROUP
+from nodes.layer_health import ResilientChannelReceiveMixin, layer_health
 from nodes.models import NodeProtocol, NodeStatus
 from nodes.protocol import (
     PRE_REGISTRATION_TYPES,
@@ -72,7 +73,9 @@ def _llm_available() -> bool:
     return llm_available()
 
 
-class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsumer):
+class NodeConsumer(
+    ResilientChannelReceiveMixin, TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsumer
+):
     """One node connection. After ``node_register`` it acts only as that node."""
 
     node_id: str | None = None
@@ -254,9 +257,13 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
         self.node_tags = list(node.tags)
         self.current_status = node.status
         if result.replaced_channel_name:
-            await self.channel_layer.send(
-                result.replaced_channel_name, {"type": "node.close", "code": CloseCode.REPLACED}
-            )
+            try:
+                await self.channel_layer.send(
+                    result.replaced_channel_name, {"type": "node.close", "code": CloseCode.REPLACED}
+                )
+            except Exception as exc:
+                # The registration stands; the old socket's results are refused as stale.
+                layer_health.failed(exc)
         if self.pending_ips is not None:
             await database_sync_to_async(services.node_set_ips)(
                 node_id=self.node_id, connection_id=self.connection_id, ips=self.pending_ips
@@ -395,15 +402,24 @@ class NodeConsumer(TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsu
         await self.send(text_data=event["frame"])
 
 
-class AdminEventsConsumer(AsyncJsonWebsocketConsumer):
+class AdminEventsConsumer(ResilientChannelReceiveMixin, AsyncJsonWebsocketConsumer):
     """Pushes hub events to staff (session cookie or ``?token=``)."""
 
     async def connect(self) -> None:
         if not self._origin_allowed() or not await self._is_staff():
             await self.close()  # before accept: HTTP 403
             return
-        await self.channel_layer.group_add(ADMIN_EVENTS_GROUP, self.channel_name)
+        try:
+            await self.channel_layer.group_add(ADMIN_EVENTS_GROUP, self.channel_name)
+        except Exception as exc:
+            layer_health.failed(exc)
+            await self.close()  # no events can reach this socket: the dashboard retries
+            return
         await self.accept()
+
+    async def rejoin_channel_groups(self) -> None:
+        # A restarted Redis has forgotten the group (it keeps nothing on disk).
+        await self.channel_layer.group_add(ADMIN_EVENTS_GROUP, self.channel_name)
 
     def _origin_allowed(self) -> bool:
         for name, value in self.scope.get("headers", []):
@@ -424,7 +440,10 @@ class AdminEventsConsumer(AsyncJsonWebsocketConsumer):
         return bool(token) and await database_sync_to_async(_token_is_staff)(token)
 
     async def disconnect(self, code: int) -> None:
-        await self.channel_layer.group_discard(ADMIN_EVENTS_GROUP, self.channel_name)
+        try:
+            await self.channel_layer.group_discard(ADMIN_EVENTS_GROUP, self.channel_name)
+        except Exception as exc:  # the group entry expires by itself (group_expiry)
+            layer_health.failed(exc)
 
     async def hub_event(self, event: dict[str, Any]) -> None:
         await self.send_json({"type": event["event"], "data": event["data"]})

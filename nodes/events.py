@@ -15,6 +15,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
+from nodes.layer_health import layer_health
 from nodes.protocol import now_ms
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,11 @@ def _send_now(message: dict[str, Any]) -> None:
         return
     try:
         async_to_sync(layer.group_send)(ADMIN_EVENTS_GROUP, message)
-    except Exception:  # a lost event must never break the change that caused it
-        logger.warning("could not publish event %s", message.get("event"), exc_info=True)
+    except Exception as exc:  # a lost event must never break the change that caused it
+        layer_health.failed(exc)
+        logger.info("could not publish event %s: %s", message.get("event"), exc)
+    else:
+        layer_health.recovered()
 
 
 def publish(event_type: str, data: dict[str, Any]) -> None:
@@ -81,5 +85,8 @@ async def apublish(event_type: str, data: dict[str, Any]) -> None:
         return
     try:
         await layer.group_send(ADMIN_EVENTS_GROUP, message)
-    except Exception:
-        logger.warning("could not publish event %s", event_type, exc_info=True)
+    except Exception as exc:
+        layer_health.failed(exc)
+        logger.info("could not publish event %s: %s", event_type, exc)
+    else:
+        layer_health.recovered()

@@ -30,6 +30,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from nodes import services
+from nodes.layer_health import layer_health, ping_layer
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class HubRuntime:
         return revived
 
     # --- sweep -------------------------------------------------------------------------
-    def _sweep_sync(self, first: bool) -> list[tuple[str, dict]]:
+    def _sweep_sync(self, first: bool, dispatch: bool = True) -> list[tuple[str, dict]]:
         """One pass of every periodic duty; returns channel messages to send."""
         from nodes import task_services
 
@@ -111,14 +112,23 @@ class HubRuntime:
                     (channel_name, {"type": "node.status", "nodeId": node_id, "status": "offline"})
                 )
         outgoing.extend(task_services.task_sweep_timeouts())
-        outgoing.extend(task_services.task_dispatch_pending())
+        if dispatch:
+            outgoing.extend(task_services.task_dispatch_pending())
         if time.monotonic() - self._last_log_prune > 60:
             self._last_log_prune = time.monotonic()
             services.node_logs_prune()
+            from nodes import retention
+
+            try:
+                # Bounded per pass (a backlog shrinks over several minutes); a failure
+                # must not lose the task messages gathered above.
+                retention.prune_expired(max_seconds=1.0)
+            except Exception:
+                logger.exception("retention prune failed; the next pass retries")
         return outgoing
 
     async def sweep(self, first: bool = False) -> None:
-        outgoing = await database_sync_to_async(self._sweep_sync)(first)
+        outgoing = await database_sync_to_async(self._sweep_sync)(first, await layer_reachable())
         await send_all(outgoing)
 
     async def dispatch(self) -> None:
@@ -148,8 +158,9 @@ class HubRuntime:
         try:
             while waiter is not None:
                 try:
-                    outgoing = await database_sync_to_async(task_services.task_dispatch_pending)()
-                    await send_all(outgoing)
+                    if await layer_reachable():  # otherwise tasks wait queued, not half-assigned
+                        outgoing = await database_sync_to_async(task_services.task_dispatch_pending)()
+                        await send_all(outgoing)
                 except Exception as exc:
                     waiter.set_exception(exc)
                     waiter.exception()  # marked retrieved: callers that left need not see it
@@ -225,16 +236,45 @@ class HubRuntime:
         self._tasks = []
 
 
+async def layer_reachable() -> bool:
+    """Whether task_assign messages can go out now. After a failure the layer is
+    pinged first, so dispatch does not assign tasks it cannot deliver."""
+    if layer_health.available:
+        return True
+    try:
+        await ping_layer(get_channel_layer())
+    except Exception:
+        return False
+    layer_health.recovered()
+    return True
+
+
 async def send_all(outgoing: list[tuple[str, dict]]) -> None:
     if not outgoing:
         return
     layer = get_channel_layer()
+    undelivered: list[tuple[str, int]] = []
+    failure = ""
     for channel_name, message in outgoing:
         try:
             await layer.send(channel_name, message)
+        except Exception as exc:
+            layer_health.failed(exc)
+            failure = f"channel layer: {type(exc).__name__}: {exc}"
+            if message.get("assigns"):
+                undelivered.append(tuple(message["assigns"]))
+            else:  # a cancel or status nudge: at-most-once by design, sweeps recover
+                logger.info("could not notify %s (%s): %s", channel_name, message.get("type"), exc)
+        else:
+            layer_health.recovered()
+    if undelivered:
+        from nodes import task_services
+
+        try:
+            await database_sync_to_async(task_services.task_return_undelivered)(undelivered, failure)
         except Exception:
-            # At-most-once by design: the task's own time-out will re-deliver it.
-            logger.warning("could not notify %s (%s)", channel_name, message.get("type"), exc_info=True)
+            # The attempts' own time-outs put them back instead.
+            logger.warning("could not queue %d undelivered task(s) again", len(undelivered), exc_info=True)
 
 
 runtime = HubRuntime()

@@ -49,9 +49,15 @@ NODE_FIELDS = (
 
 
 def node_message(
-    node_id: str, channel_name: str, message_type: str, data: dict[str, Any]
+    node_id: str, channel_name: str, message_type: str, data: dict[str, Any], *, assigns: Task | None = None
 ) -> tuple[str, dict]:
-    return (channel_name, {"type": "node.send", "nodeId": node_id, "frame": frame(message_type, data)})
+    """A channel message that makes the node's consumer send one frame. ``assigns``:
+    the frame hands over this task's current attempt (``send_all`` puts the attempt
+    back in the queue if the message cannot be sent)."""
+    message = {"type": "node.send", "nodeId": node_id, "frame": frame(message_type, data)}
+    if assigns is not None:
+        message["assigns"] = [assigns.task_id, assigns.attempts]
+    return channel_name, message
 
 
 def publish_task(event_type: str, task: Task) -> None:
@@ -124,9 +130,13 @@ def claim_task(task_id: str, node_id: str) -> Claim:
         Node.objects.filter(pk=node_id).update(total_tasks=F("total_tasks") + 1, last_assigned_at=now)
         publish_task("task_assigned", task)
     if node.protocol == NodeProtocol.VCP:
-        message = node_message(node.node_id, node.channel_name, "execute_tool", execute_tool_data(task))
+        message = node_message(
+            node.node_id, node.channel_name, "execute_tool", execute_tool_data(task), assigns=task
+        )
     else:
-        message = node_message(node.node_id, node.channel_name, "task_assign", task_assign_data(task))
+        message = node_message(
+            node.node_id, node.channel_name, "task_assign", task_assign_data(task), assigns=task
+        )
     logger.info("task %s attempt %d -> node %s", task.task_id, task.attempts, node.node_id)
     return Claim(assigned=message)
 

@@ -286,6 +286,47 @@ def task_release_node_attempts(*, node_id: str, connection_id: str | None, reaso
     return released
 
 
+def task_return_undelivered(assignments: list[tuple[str, int]], reason: str) -> int:
+    """Attempts whose ``task_assign`` never left the hub (the channel layer refused the
+    message) go back to the queue at once, without counting as an attempt, instead of
+    waiting for their time-out. Only the attempt that was sent is touched: a task
+    that has moved on since is left alone. Returns how many went back."""
+    returned = 0
+    for task_id, attempt in assignments:
+        with transaction.atomic():
+            task = (
+                Task.objects.select_for_update()
+                .filter(pk=task_id, status=TaskStatus.ASSIGNED, attempts=attempt)
+                .first()
+            )
+            if task is None:
+                continue
+            node_id = task.assigned_node_id
+            task.status = TaskStatus.QUEUED
+            task.attempts -= 1
+            task.assigned_node_id = ""
+            task.assigned_connection_id = ""
+            task.deadline_at = None
+            task.waiting_reason = f"could not notify node {node_id} ({reason}); waiting to try again"[:255]
+            task.save(
+                update_fields=[
+                    "status",
+                    "attempts",
+                    "assigned_node_id",
+                    "assigned_connection_id",
+                    "deadline_at",
+                    "waiting_reason",
+                ]
+            )
+            Node.objects.filter(pk=node_id, total_tasks__gt=0).update(total_tasks=F("total_tasks") - 1)
+            publish_task("task_queued", task)
+        returned += 1
+        logger.warning(
+            "task %s: task_assign for attempt %d not delivered (%s); queued again", task_id, attempt, reason
+        )
+    return returned
+
+
 def task_sweep_timeouts() -> Outgoing:
     """End attempts past their deadline (``task_cancel`` to the node, then retry or
     ``timed_out``) and attempts whose connection no longer exists (a hub process died

@@ -357,7 +357,7 @@ def get_limiter() -> Limiter:
     """The Redis limiter when ``settings.REDIS_URL`` is set, else the database one."""
     url = getattr(settings, "REDIS_URL", None)
     if url:
-        return RedisLimiter(url, getattr(settings, "APEXBRIDGE_QUOTA_REDIS_PREFIX", "apexbridge:quota:"))
+        return RedisLimiter(url, settings.APEXBRIDGE_QUOTA_REDIS_PREFIX)
     return DatabaseLimiter()
 
 

@@ -22,10 +22,13 @@ echo "== pass 1: embedded defaults (SQLite + in-memory channel layer), $WORKERS 
 "$PY" -m pytest -n "$WORKERS" "$@" || status=1
 
 if port_open 5432 && port_open 6379; then
-  # One process: the admin events group and quota keys in Redis are shared.
+  # One process: the admin events group and quota keys in Redis are shared. The test
+  # database (test_apexbridge_<pid>) and the Redis key prefix are this run's own, so
+  # two runs on one machine (or one left behind by a killed run) never share state.
   echo "== pass 2: database and channel-layer tests on PostgreSQL + Redis"
-  DATABASE_URL="${APEXBRIDGE_TEST_DATABASE_URL:-postgres://root@127.0.0.1:5432/apexbridge}" \
+  DATABASE_URL="${APEXBRIDGE_TEST_DATABASE_URL:-postgres://root@127.0.0.1:5432/apexbridge_$$}" \
   REDIS_URL="${APEXBRIDGE_TEST_REDIS_LAYER_URL:-redis://127.0.0.1:6379/0}" \
+  APEXBRIDGE_REDIS_PREFIX="test$$" \
     "$PY" -m pytest -m "not e2e and not browser" --ignore=tests/e2e --ignore=tests/browser \
       --ignore=tests/client --ignore=tests/fuzz/test_protocol_fuzz.py "$@" || status=1
 elif [ "${APEXBRIDGE_REQUIRE_SERVICES:-0}" = 1 ]; then

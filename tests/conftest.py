@@ -50,7 +50,7 @@ def _fresh_redis_quota_state(settings):
         import redis
 
         client = redis.Redis.from_url(settings.REDIS_URL)
-        keys = list(client.scan_iter("apexbridge:quota:*"))
+        keys = list(client.scan_iter(f"{settings.APEXBRIDGE_QUOTA_REDIS_PREFIX}*"))
         if keys:
             client.delete(*keys)
     yield
@@ -161,3 +161,29 @@ async def node_socket():
     yield make
     for node in opened:
         await node.close()
+
+
+@pytest.fixture
+def make_node(db):
+    """Factory for node rows as a connected, registered node would leave them;
+    ``fields`` override any column (``status="offline", connection_id=""``…)."""
+    from django.utils import timezone
+
+    from nodes.models import Node
+
+    def make(node_id: str, **fields) -> Node:
+        now = timezone.now()
+        defaults = {
+            "name": node_id,
+            "status": "online",
+            "last_heartbeat": now,
+            "last_seen": now,
+            "connected_at": now,
+            "connection_id": f"c-{node_id}",
+            "channel_name": f"test.channel.{node_id}",
+            "capabilities": ["echo"],
+        }
+        defaults.update(fields)
+        return Node.objects.create(node_id=node_id, **defaults)
+
+    return make

@@ -1,4 +1,5 @@
-"""Fixtures of the Django admin tests: a logged-in superuser client and nodes."""
+"""Fixtures of the Django admin tests: a logged-in superuser client and a channel to watch
+(``make_node`` is shared, in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.contrib.auth import get_user_model
-from django.utils import timezone
-
-from nodes.models import Node
 
 
 @pytest.fixture
@@ -43,22 +41,3 @@ def received(channel: str) -> list[dict]:
                 return messages
 
     return async_to_sync(drain)()
-
-
-@pytest.fixture
-def make_node(db):
-    def make(node_id: str, **fields) -> Node:
-        now = timezone.now()
-        defaults = {
-            "name": node_id,
-            "status": "online",
-            "last_heartbeat": now,
-            "connected_at": now,
-            "connection_id": f"c-{node_id}",
-            "channel_name": f"test.channel.{node_id}",
-            "capabilities": ["echo"],
-        }
-        defaults.update(fields)
-        return Node.objects.create(node_id=node_id, **defaults)
-
-    return make

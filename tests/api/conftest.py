@@ -1,15 +1,13 @@
-"""Fixtures of the admin API tests: users, authenticated clients and nodes in the DB."""
+"""Fixtures of the admin API tests: users and authenticated clients (``make_node`` is
+shared, in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.cache import cache
-from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
-
-from nodes.models import Node
 
 
 @pytest.fixture(autouse=True)
@@ -42,22 +40,3 @@ def plain_client(plain_user):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=plain_user).key}")
     return client
-
-
-@pytest.fixture
-def make_node(db):
-    def make(node_id: str, **fields) -> Node:
-        now = timezone.now()
-        defaults = {
-            "name": node_id,
-            "status": "online",
-            "last_heartbeat": now,
-            "last_seen": now,
-            "connected_at": now,
-            "connection_id": f"c-{node_id}",
-            "channel_name": f"test.channel.{node_id}",
-        }
-        defaults.update(fields)
-        return Node.objects.create(node_id=node_id, **defaults)
-
-    return make

@@ -9,6 +9,7 @@ over real sockets: ``websockets`` for nodes, ``urllib`` for the API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -325,6 +326,42 @@ class WsNode:
     async def close(self) -> None:
         if self.ws is not None:
             await self.ws.close()
+
+
+class AdminEvents:
+    """Collects every frame of one admin events socket."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.events: list[dict] = []
+
+    async def __aenter__(self) -> AdminEvents:
+        self.ws = await websockets.connect(self.url, open_timeout=10)
+        self.reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async for raw in self.ws:
+                self.events.append(json.loads(raw))
+
+    async def __aexit__(self, *exc) -> None:
+        self.reader.cancel()
+        await self.ws.close()
+
+    def of(self, event_type: str, **match) -> list[dict]:
+        return [
+            e
+            for e in self.events
+            if e["type"] == event_type and all(e["data"].get(k) == v for k, v in match.items())
+        ]
+
+
+async def keep_heartbeating(nodes: list[WsNode], interval_s: float = 0.5) -> None:
+    while True:
+        for node in nodes:
+            await node.send("heartbeat", {})
+        await asyncio.sleep(interval_s)
 
 
 async def wait_for(predicate, timeout: float = 15, interval: float = 0.1, what: str = "condition"):

@@ -5,53 +5,14 @@ processes, LLM quotas are shared."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import time
 
 import pytest
-import websockets
 
-from tests.e2e.harness import WsNode, wait_for
+from tests.e2e.harness import AdminEvents, WsNode, keep_heartbeating, wait_for
 from tests.llm_server import LoopbackLLMServer
 
 pytestmark = pytest.mark.e2e
-
-
-class AdminEvents:
-    """Collects every frame of one admin events socket."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.events: list[dict] = []
-
-    async def __aenter__(self) -> AdminEvents:
-        self.ws = await websockets.connect(self.url, open_timeout=10)
-        self.reader = asyncio.create_task(self._read())
-        return self
-
-    async def _read(self) -> None:
-        with contextlib.suppress(websockets.ConnectionClosed):
-            async for raw in self.ws:
-                self.events.append(json.loads(raw))
-
-    async def __aexit__(self, *exc) -> None:
-        self.reader.cancel()
-        await self.ws.close()
-
-    def of(self, event_type: str, **match) -> list[dict]:
-        return [
-            e
-            for e in self.events
-            if e["type"] == event_type and all(e["data"].get(k) == v for k, v in match.items())
-        ]
-
-
-async def keep_heartbeating(nodes: list[WsNode], interval_s: float = 0.5) -> None:
-    while True:
-        for node in nodes:
-            await node.send("heartbeat", {})
-        await asyncio.sleep(interval_s)
 
 
 @pytest.fixture

@@ -2,8 +2,9 @@
 
 The hub processes run this sweep on their own every APEXBRIDGE_HEARTBEAT_SWEEP_MS;
 the command is for operators and cron jobs. It marks silent nodes offline, times
-out overdue attempts and, when the channel layer is shared (Redis), dispatches
-queued tasks. With the in-memory layer it cannot reach the hub's sockets from this
+out overdue attempts, prunes node logs, LLM request logs and finished tasks past
+their retention and, when the channel layer is shared (Redis), dispatches queued
+tasks. With the in-memory layer it cannot reach the hub's sockets from this
 process, so it leaves dispatch to the hub (a task assigned here would never reach
 its node).
 """
@@ -14,7 +15,7 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from nodes import services, task_services
+from nodes import retention, services, task_services
 from nodes.runtime import send_all
 
 
@@ -38,11 +39,17 @@ class Command(BaseCommand):
         pruned = services.node_logs_prune()
         if shared_layer:
             async_to_sync(send_all)(outgoing)
+        # After the sends: a long retention backlog must not delay the assignments.
+        expired = retention.prune_expired()
         self.stdout.write(
             f"hub processes reaped: {len(reaped)}; nodes marked offline: {len(marked)}"
             + (f" ({', '.join(node_id for node_id, _ in marked)})" if marked else "")
         )
-        self.stdout.write(f"node messages from task time-outs: {len(timeouts)}; log lines pruned: {pruned}")
+        self.stdout.write(
+            f"node messages from task time-outs: {len(timeouts)}; log lines pruned: {pruned}; "
+            f"LLM request logs pruned: {expired['llm_request_logs']}; "
+            f"finished tasks pruned: {expired['tasks']}"
+        )
         if shared_layer:
             self.stdout.write(f"tasks dispatched: {len(dispatched)}; messages sent: {len(outgoing)}")
         else:
