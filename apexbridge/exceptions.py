@@ -42,7 +42,7 @@ def _message(detail) -> str:
 def api_exception_handler(exc, context):
     response = exception_handler(exc, context)
     if response is None:
-        return None
+        return _service_unavailable(exc)
     code = getattr(exc, "error_code", None)
     if code is None:
         code = (
@@ -54,3 +54,22 @@ def api_exception_handler(exc, context):
     if response.status_code == status.HTTP_429_TOO_MANY_REQUESTS and getattr(exc, "wait", None):
         body["error"]["retryAfter"] = exc.wait
     return Response(body, status=response.status_code, headers=dict(response.headers.items()))
+
+
+def _service_unavailable(exc) -> Response | None:
+    """503 ``service_unavailable`` while the database cannot be reached (nothing was
+    changed: the request's transaction, if any, never committed). Other errors stay
+    500s."""
+    from nodes.service_health import database_health, is_database_outage
+
+    if not is_database_outage(exc):
+        return None
+    database_health.failed(exc)
+    body = {
+        "success": False,
+        "error": {
+            "code": "service_unavailable",
+            "message": "The hub's database is unavailable; try again shortly",
+        },
+    }
+    return Response(body, status=status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "5"})

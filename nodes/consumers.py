@@ -25,7 +25,6 @@ from llmproxy.consumer import LLMProxyConsumerMixin
 from nodes import auth, services
 from nodes.consumer_tasks import TaskConsumerMixin
 from nodes.events import ADMIN_EVENTS_GROUP
-from nodes.layer_health import ResilientChannelReceiveMixin, layer_health
 from nodes.models import NodeProtocol, NodeStatus
 from nodes.protocol import (
     PRE_REGISTRATION_TYPES,
@@ -48,6 +47,12 @@ from nodes.protocol import (
     validate,
 )
 from nodes.runtime import runtime
+from nodes.service_health import (
+    ResilientChannelReceiveMixin,
+    database_health,
+    is_database_outage,
+    layer_health,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,10 @@ BAD_INPUT_CODES = frozenset(
         ErrorCode.NOT_REGISTERED,
         ErrorCode.NODE_MISMATCH,
     }
+)
+DATABASE_UNAVAILABLE = ProtocolError(
+    ErrorCode.SERVICE_UNAVAILABLE,
+    "The hub's database is unavailable; nothing was changed, send it again shortly",
 )
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
 
@@ -91,8 +100,17 @@ class NodeConsumer(
         kwargs = self.scope.get("url_route", {}).get("kwargs", {})
         self.deprecated_path = kwargs.get("prefix") == "vcp-distributed-server"
         presented = kwargs.get("key") or self._bearer_key()
-        identity = await database_sync_to_async(auth.authenticate_key)(presented)
         client = self.scope.get("client") or ["?", 0]
+        try:
+            identity = await database_sync_to_async(auth.authenticate_key)(presented)
+        except Exception as exc:
+            if not is_database_outage(exc):
+                raise
+            database_health.failed(exc)
+            # Not a 403: the key may well be right. The node reconnects later.
+            await self.accept()
+            await self.close(code=CloseCode.TRY_AGAIN_LATER)
+            return
         if identity is None:
             logger.warning(
                 "refused node handshake from %s on /%s/: %s key",
@@ -176,7 +194,11 @@ class NodeConsumer(
             await handler(data)
         except ProtocolError as error:
             await self.reply_error(message_type, data, error)
-        except Exception:
+        except Exception as exc:
+            if is_database_outage(exc):
+                database_health.failed(exc)
+                await self.reply_error(message_type, data, DATABASE_UNAVAILABLE)
+                return
             logger.exception("error handling %s from %s", message_type, self.node_id or self.connection_id)
             await self.send(
                 text_data=error_frame(ErrorCode.INTERNAL_ERROR, "The hub failed to handle this message")

@@ -15,8 +15,8 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
-from nodes.layer_health import layer_health
 from nodes.protocol import now_ms
+from nodes.service_health import layer_health
 
 logger = logging.getLogger(__name__)
 

@@ -38,6 +38,8 @@ class ErrorCode:
     UNKNOWN_TASK = "unknown_task"
     STALE_RESULT = "stale_result"
     INTERNAL_ERROR = "internal_error"
+    # Hub extension (PROTOCOL is silent): the database is unreachable; send it again later.
+    SERVICE_UNAVAILABLE = "service_unavailable"
 
 
 class CloseCode:
@@ -45,6 +47,8 @@ class CloseCode:
     UNREGISTERED_BY_ADMIN = 4003
     POLICY_VIOLATION = 4008
     MESSAGE_TOO_BIG = 4009
+    # Hub extension: the key could not be checked (database unreachable); reconnect later.
+    TRY_AGAIN_LATER = 4013
 
 
 class ProtocolError(Exception):

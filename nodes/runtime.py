@@ -30,7 +30,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from nodes import services
-from nodes.layer_health import layer_health, ping_layer
+from nodes.service_health import database_health, is_database_outage, layer_health, ping_layer
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class HubRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started_once = False
         self._last_log_prune = 0.0
+        self._judge_liveness_after = 0.0
         self._dispatch_loop: asyncio.AbstractEventLoop | None = None
         self._dispatch_running: asyncio.Task | None = None
         self._dispatch_next: asyncio.Future | None = None
@@ -96,21 +97,24 @@ class HubRuntime:
         return revived
 
     # --- sweep -------------------------------------------------------------------------
-    def _sweep_sync(self, first: bool, dispatch: bool = True) -> list[tuple[str, dict]]:
+    def _sweep_sync(
+        self, first: bool, dispatch: bool = True, judge_liveness: bool = True
+    ) -> list[tuple[str, dict]]:
         """One pass of every periodic duty; returns channel messages to send."""
         from nodes import task_services
 
         services.process_beat(process_id=self.process_id, hostname=socket.gethostname(), pid=os.getpid())
-        single_process = not settings.REDIS_URL
-        services.process_reap(
-            current_process_id=self.process_id, everyone_else_is_dead=first and single_process
-        )
         outgoing: list[tuple[str, dict]] = []
-        for node_id, channel_name in services.node_sweep_heartbeat_timeouts():
-            if channel_name:
-                outgoing.append(
-                    (channel_name, {"type": "node.status", "nodeId": node_id, "status": "offline"})
-                )
+        if judge_liveness:
+            single_process = not settings.REDIS_URL
+            services.process_reap(
+                current_process_id=self.process_id, everyone_else_is_dead=first and single_process
+            )
+            for node_id, channel_name in services.node_sweep_heartbeat_timeouts():
+                if channel_name:
+                    outgoing.append(
+                        (channel_name, {"type": "node.status", "nodeId": node_id, "status": "offline"})
+                    )
         outgoing.extend(task_services.task_sweep_timeouts())
         if dispatch:
             outgoing.extend(task_services.task_dispatch_pending())
@@ -128,7 +132,21 @@ class HubRuntime:
         return outgoing
 
     async def sweep(self, first: bool = False) -> None:
-        outgoing = await database_sync_to_async(self._sweep_sync)(first, await layer_reachable())
+        """One sweep. After a database outage this process's buffered heartbeats are
+        written first, and for one grace period no node or process is judged silent:
+        the others need a flush interval or two to write what they buffered."""
+        try:
+            await self.flush_heartbeats()
+            judge = time.monotonic() >= self._judge_liveness_after
+            outgoing = await database_sync_to_async(self._sweep_sync)(first, await layer_reachable(), judge)
+        except Exception as exc:
+            if not is_database_outage(exc):
+                raise
+            database_health.failed(exc)
+            return
+        if database_health.recovered():
+            grace_ms = 2 * settings.APEXBRIDGE_HEARTBEAT_FLUSH_MS + settings.APEXBRIDGE_HEARTBEAT_SWEEP_MS
+            self._judge_liveness_after = time.monotonic() + grace_ms / 1000
         await send_all(outgoing)
 
     async def dispatch(self) -> None:
@@ -203,7 +221,10 @@ class HubRuntime:
                 await step()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
+                if is_database_outage(exc):
+                    database_health.failed(exc)  # logged once; the step retries
+                    continue
                 logger.exception("background step %s failed; will retry", getattr(step, "__name__", step))
 
     def _keep_sqlite_wal(self) -> None:

@@ -14,6 +14,7 @@ tools, and use the hub's LLM proxy. Needs only the standard library and ``websoc
 """
 
 from .errors import (
+    HubUnavailable,
     LLMCancelled,
     LLMConnectionError,
     LLMError,
@@ -32,6 +33,7 @@ from .llm import LLMResult, LLMStream
 from .node import Node, __version__
 
 __all__ = [
+    "HubUnavailable",
     "LLMCancelled",
     "LLMConnectionError",
     "LLMError",

@@ -20,6 +20,11 @@ class RegistrationError(NodeClientError):
         self.message = message
 
 
+class HubUnavailable(NodeClientError):  # noqa: N818 (public API name)
+    """The hub cannot take the node now (``service_unavailable``: its database is
+    down). The client reconnects with back-off, as after a lost connection."""
+
+
 class NodeRemoved(NodeClientError):  # noqa: N818 (public API name)
     """The hub closed the connection for good (replaced by another process with the same
     node id, or the node was deleted by staff); reconnecting would undo that."""

@@ -22,7 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from . import state
-from .errors import LLMConnectionError, NodeRemoved, RegistrationError
+from .errors import HubUnavailable, LLMConnectionError, NodeRemoved, RegistrationError
 from .llm import CONNECTION_LOST, LLMResult, LLMStream
 from .outbox import Outbox
 from .runner import TaskRunner
@@ -40,6 +40,8 @@ for _logger in (logger, ws_logger):
         _logger.addFilter(redactor)
 
 # Close codes after which reconnecting would undo what the hub (or staff) decided.
+SERVICE_UNAVAILABLE = "service_unavailable"
+RESULT_RETRY_S = 5.0
 FINAL_CLOSE_CODES = {
     4000: "another process registered this node id (close code 4000, replaced)",
     4003: "the node was removed by staff (close code 4003)",
@@ -180,6 +182,8 @@ class Node:
                     logger.warning("Hub answered the handshake with HTTP %s", status)
                 except InvalidURI as exc:
                     raise ValueError(redactor.redact(str(exc))) from None
+                except HubUnavailable as exc:
+                    logger.warning("The hub cannot register the node now: %s", exc)
                 except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake) as exc:
                     logger.warning(
                         "Connection to the hub failed: %s", redactor.redact(str(exc)) or type(exc).__name__
@@ -307,6 +311,8 @@ class Node:
                     break
         if not data.get("success"):
             error = data.get("error") if isinstance(data.get("error"), dict) else {}
+            if error.get("code") == SERVICE_UNAVAILABLE:
+                raise HubUnavailable(str(error.get("message", "service unavailable")))
             raise RegistrationError(str(error.get("code", "refused")), str(error.get("message", data)))
         node_id = data.get("nodeId") or self.node_id
         if node_id != self.node_id:
@@ -356,9 +362,18 @@ class Node:
         elif message_type == "task_cancel":
             self.runner.cancel(data.get("taskId"), data.get("reason"))
         elif message_type == "task_result_ack":
-            self.outbox.acked(data.get("taskId"))
-            if not data.get("success"):
-                error = data.get("error") or {}
+            result = self.outbox.acked(data.get("taskId"))
+            error = data.get("error") or {}
+            if not data.get("success") and error.get("code") == SERVICE_UNAVAILABLE and result:
+                # The hub could not store it (its database is down): keep it, send it again.
+                delay = RESULT_RETRY_S * random.uniform(0.75, 1.25)
+                logger.warning(
+                    "Hub cannot store the result of task %s now; again in %.0fs", result["taskId"], delay
+                )
+                asyncio.get_running_loop().call_later(
+                    delay, lambda: asyncio.ensure_future(self._send("task_result", result, durable=True))
+                )
+            elif not data.get("success"):
                 logger.info(
                     "Hub did not take the result of task %s: %s", data.get("taskId"), error.get("code")
                 )

@@ -48,8 +48,9 @@ class Outbox:
         if message_type == "task_result":
             self._unacked[data["taskId"]] = data
 
-    def acked(self, task_id: Any) -> None:
-        self._unacked.pop(task_id, None)
+    def acked(self, task_id: Any) -> dict[str, Any] | None:
+        """The hub answered this result; returns the result as it was sent."""
+        return self._unacked.pop(task_id, None)
 
     def requeue_unacked(self) -> None:
         for data in reversed(list(self._unacked.values())):

@@ -52,12 +52,14 @@ class FakeHub:
         register_error: dict[str, str] | None = None,
         llm_handler: LLMHandler | None = None,
         ack_results: bool = True,
+        result_error: dict[str, str] | None = None,
     ) -> None:
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.key = key
         self.register_error = register_error
         self.llm_handler = llm_handler
         self.ack_results = ack_results
+        self.result_error = result_error
         self.connections: list[HubConnection] = []
         self.frames: list[Frame] = []
         self.refused_handshakes = 0
@@ -174,6 +176,11 @@ class FakeHub:
             )
         elif frame.type == "heartbeat":
             await connection.send("heartbeat_ack", {"nodeId": connection.node_id, "success": True})
+        elif frame.type == "task_result" and self.ack_results and self.result_error:
+            await connection.send(
+                "task_result_ack",
+                {"taskId": data.get("taskId"), "success": False, "error": self.result_error},
+            )
         elif frame.type == "task_result" and self.ack_results:
             await connection.send("task_result_ack", {"taskId": data.get("taskId"), "success": True})
         elif frame.type == "node_unregister":

@@ -226,3 +226,42 @@ async def test_unacknowledged_result_is_sent_again_after_reconnect(make_node):
         assert frames[1].data["taskId"] == "t-unacked" and frames[1].data["result"] == {"n": 1}
     finally:
         await hub.stop()
+
+
+UNAVAILABLE = {"code": "service_unavailable", "message": "The hub's database is unavailable"}
+
+
+async def test_registration_refused_as_service_unavailable_is_retried(make_node):
+    # Given a hub whose database is down
+    hub = await FakeHub(register_error=UNAVAILABLE).start()
+    try:
+        node = make_node(hub, node_id="patient-node")
+        # Then the node does not give up: it reconnects with back-off
+        await hub.wait_connections(3)
+        assert not node.task.done()
+        # And registers once the hub can take it
+        hub.register_error = None
+        assert await node.wait_registered(5)
+    finally:
+        await hub.stop()
+
+
+async def test_result_refused_as_service_unavailable_is_sent_again(make_node, monkeypatch):
+    monkeypatch.setattr("nodes.client.node.RESULT_RETRY_S", 0.2)
+    # Given a hub that cannot store results for now
+    hub = await FakeHub(result_error=UNAVAILABLE).start()
+    try:
+        node = make_node(hub, node_id="keeping-node")
+        node.add_tool("echo", lambda args: args, raw_args=True)
+        await node.wait_registered(5)
+        await hub.send("task_assign", assign("t-kept", "echo", {"n": 2}))
+        await hub.wait_for("task_result", count=2)
+        # When it can again, the next copy is acknowledged and no more are sent
+        hub.result_error = None
+        frames = await hub.wait_for("task_result", count=3)
+        assert {f.data["taskId"] for f in frames} == {"t-kept"}
+        assert frames[-1].data["result"] == {"n": 2}
+        await asyncio.sleep(0.6)
+        assert len(hub.of_type("task_result")) == 3
+    finally:
+        await hub.stop()

@@ -10,8 +10,8 @@ from asgiref.sync import async_to_sync
 
 from nodes import runtime as runtime_module
 from nodes import task_services
-from nodes.layer_health import layer_health
 from nodes.models import Node, Task
+from nodes.service_health import layer_health
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

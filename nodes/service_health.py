@@ -1,14 +1,21 @@
-"""Sockets that outlive a channel-layer (Redis) outage.
+"""Outages of the services behind the hub: the channel layer (Redis) and the database.
 
-Channels reads a consumer's channel with ``channel_layer.receive``; when Redis goes
+**Channel layer.** Channels reads a consumer's channel with ``channel_layer.receive``; when Redis goes
 away that call raises, and the exception ends the consumer: daphne closes the socket
 with 1011. The hub keeps its sockets instead: ``ResilientChannelReceiveMixin`` retries
 the read with back-off while everything that does not need the layer goes on
 (heartbeats, registrations, results, LLM calls). What the layer carries is paused
-meanwhile: task notifications (tasks stay in the database and are assigned again by
-their time-out), admin events and takeover closes of sockets on other processes.
+meanwhile: task notifications (tasks wait queued in the database; an assignment whose
+notice could not be sent goes back to the queue), admin events and takeover closes
+of sockets on other processes.
 
-Each process logs one warning when the layer fails and one line when it is back.
+**Database.** Heartbeats are acknowledged from memory and written when the database
+is back; anything that needs it is answered ``service_unavailable`` (PROTOCOL is
+silent; docs/DECISIONS.md) and the node retries. See ``HubRuntime.sweep`` for how
+liveness is judged after an outage.
+
+Each process logs one warning when a service fails and one line when it is back
+(``ServiceHealth``), instead of a traceback per failed call.
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ RETRY_FIRST_S = 0.2
 RETRY_MAX_S = 5.0
 
 
-class LayerHealth:
-    """Process-wide state of the channel layer, for one log line per outage."""
+class ServiceHealth:
+    """Process-wide state of one backing service, for one log line per outage."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, while_down: str) -> None:
+        self.name = name
+        self.while_down = while_down
         self.down_since: float | None = None
 
     @property
@@ -38,19 +47,39 @@ class LayerHealth:
         if self.down_since is None:
             self.down_since = time.monotonic()
             logger.warning(
-                "channel layer unavailable (%s: %s): sockets stay open; task notifications, "
-                "admin events and takeovers across processes wait until it is back",
+                "%s unavailable (%s: %s): %s",
+                self.name,
                 type(exc).__name__,
-                exc,
+                str(exc).strip(),
+                self.while_down,
             )
 
-    def recovered(self) -> None:
-        if self.down_since is not None:
-            logger.warning("channel layer available again after %.1f s", time.monotonic() - self.down_since)
-            self.down_since = None
+    def recovered(self) -> bool:
+        """Mark the service as answering; True if it had been down."""
+        if self.down_since is None:
+            return False
+        logger.warning("%s available again after %.1f s", self.name, time.monotonic() - self.down_since)
+        self.down_since = None
+        return True
 
 
-layer_health = LayerHealth()
+layer_health = ServiceHealth(
+    "channel layer",
+    "sockets stay open; task notifications, admin events and takeovers across processes "
+    "wait until it is back",
+)
+database_health = ServiceHealth(
+    "database",
+    "heartbeats are still acknowledged and kept in memory; registrations, task results "
+    "and API calls are answered service_unavailable until it is back",
+)
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """The database cannot be reached (not a bad query or a constraint)."""
+    from django.db import InterfaceError, OperationalError
+
+    return isinstance(exc, (OperationalError, InterfaceError))
 
 
 async def ping_layer(layer: Any) -> None:
