@@ -168,7 +168,9 @@ class NodeConsumer(
             )
             return
         limit = settings.APEXBRIDGE_MAX_FRAME_BYTES
-        if len(text_data) > limit or (len(text_data) * 4 > limit and len(text_data.encode()) > limit):
+        if len(text_data) > limit or (
+            len(text_data) * 4 > limit and len(text_data.encode("utf-8", "surrogatepass")) > limit
+        ):
             logger.warning("closing %s: frame over %d bytes", self.connection_id, limit)
             await self.close(code=CloseCode.MESSAGE_TOO_BIG)
             return

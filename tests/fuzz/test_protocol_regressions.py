@@ -14,6 +14,7 @@ from channels.db import database_sync_to_async
 
 from nodes import task_services
 from nodes.models import Node, NodeLog, Task
+from tests.conftest import wait_closed
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -123,3 +124,20 @@ def test_a_huge_offset_is_a_400_not_a_server_error(admin_client):
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_payload"
     assert response.json()["success"] is False
+
+
+@pytest.mark.parametrize("length, closed", [(300_000, False), (400_000, True)])
+async def test_a_big_frame_holding_a_raw_lone_surrogate_is_measured_not_crashed_on(
+    node_socket, settings, length, closed
+):
+    # (Found by the 100,000-frame run: only an in-process client can send a str that
+    # is not valid UTF-8; measuring such a frame's size raised UnicodeEncodeError.)
+    settings.APEXBRIDGE_MAX_FRAME_BYTES = 1_000_000
+    node = await node_socket()
+    await node.send_raw("\ud800" + "x" * length + "\ud800" * (length // 2))
+    if closed:  # 3 bytes per surrogate: over the limit
+        assert await wait_closed(node) == 4009
+    else:
+        reply = await node.receive()
+        assert (reply["type"], reply["data"]["code"]) == ("error", "invalid_json")
+        assert (await node.request("ping"))["type"] == "pong"
