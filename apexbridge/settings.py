@@ -124,12 +124,15 @@ if DATABASE_URL:
 else:
     DATABASES = {
         "default": {
-            "ENGINE": "django.db.backends.sqlite3",
+            # Django's SQLite backend plus an in-process write queue (see its docstring).
+            "ENGINE": "apexbridge.db.sqlite3",
             "NAME": env_str("APEXBRIDGE_SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
         }
     }
 DATABASES["default"]["CONN_MAX_AGE"] = 0  # persistent connections leak under ASGI
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"]["ENGINE"] = "apexbridge.db.sqlite3"  # a sqlite:// DATABASE_URL
+if DATABASES["default"]["ENGINE"] == "apexbridge.db.sqlite3":
     DATABASES["default"].setdefault("OPTIONS", {}).update(
         {
             # IMMEDIATE takes the write lock at BEGIN, so concurrent writers queue on

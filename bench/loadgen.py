@@ -321,6 +321,7 @@ async def mode_tasks(args) -> dict[str, Any]:
     result: dict[str, Any] = {"nodes": args.nodes, "tasks": args.tasks}
     result.update(await connect_all(nodes, args.concurrency))
     result.update(await register_storm(nodes))
+    beating = asyncio.create_task(keep_alive(nodes))  # a long run outlasts heartbeatTimeout
     headers = {"Authorization": f"Token {args.token}", "Content-Type": "application/json"}
     http = itertools.cycle(args.http)
     connector = aiohttp.TCPConnector(limit=args.http_concurrency * 2)
@@ -387,8 +388,17 @@ async def mode_tasks(args) -> dict[str, Any]:
             submit_errors=len(submit_errors),
             submit_error_sample=submit_errors[:3],
         )
+    beating.cancel()
     await asyncio.gather(*(n.close() for n in nodes), return_exceptions=True)
     return result
+
+
+async def keep_alive(nodes: list[SimNode], interval_s: float = 10) -> None:
+    """Heartbeat every node now and then, as a real node does between tasks."""
+    while True:
+        await asyncio.sleep(interval_s)
+        for node in nodes:
+            await node.heartbeat()
 
 
 async def mode_llm(args) -> dict[str, Any]:

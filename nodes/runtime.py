@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
+import contextvars
 import logging
 import os
 import socket
 import sqlite3
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -46,6 +49,7 @@ class HubRuntime:
         self._started_once = False
         self._last_log_prune = 0.0
         self._judge_liveness_after = 0.0
+        self._database_thread: threading.Thread | None = None
         self._dispatch_loop: asyncio.AbstractEventLoop | None = None
         self._dispatch_running: asyncio.Task | None = None
         self._dispatch_next: asyncio.Future | None = None
@@ -102,6 +106,8 @@ class HubRuntime:
     ) -> list[tuple[str, dict]]:
         """One pass of every periodic duty; returns channel messages to send."""
         from nodes import task_services
+
+        self._database_thread = threading.current_thread()  # channels' one database thread
 
         services.process_beat(process_id=self.process_id, hostname=socket.gethostname(), pid=os.getpid())
         outgoing: list[tuple[str, dict]] = []
@@ -169,6 +175,38 @@ class HubRuntime:
             waiter = self._dispatch_next
         # Shielded: one caller going away must not cancel a pass others wait for.
         await asyncio.shield(waiter)
+
+    def dispatch_from_thread(self, timeout_s: float = 30) -> bool:
+        """From a sync thread of this process (an API request): run ``dispatch`` on the
+        hub's event loop and wait for the pass. False when there is no running hub
+        loop, or when called on the database thread the pass itself needs."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return False
+        if threading.current_thread() is self._database_thread:
+            return False
+        try:
+            if asyncio.get_running_loop() is loop:
+                return False
+        except RuntimeError:
+            pass  # a plain sync thread, as expected
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def start() -> None:
+            task = loop.create_task(self.dispatch())
+            task.add_done_callback(lambda done: _copy_outcome(done, future))
+
+        # An empty context, not this thread's: asgiref's thread-sensitive context of the
+        # request would send the pass's database work back to this (waiting) thread.
+        loop.call_soon_threadsafe(start, context=contextvars.Context())
+        try:
+            future.result(timeout_s)
+        except Exception as exc:
+            if is_database_outage(exc):
+                database_health.failed(exc)
+            else:
+                logger.warning("dispatch pass failed; the next sweep retries", exc_info=True)
+        return True
 
     async def _dispatch_passes(self, waiter: asyncio.Future) -> None:
         from nodes import task_services
@@ -255,6 +293,15 @@ class HubRuntime:
             except (asyncio.CancelledError, Exception):  # noqa: S110 - stopping anyway
                 pass
         self._tasks = []
+
+
+def _copy_outcome(task: asyncio.Task, future: concurrent.futures.Future) -> None:
+    if task.cancelled():
+        future.cancel()
+    elif task.exception() is not None:
+        future.set_exception(task.exception())
+    else:
+        future.set_result(task.result())
 
 
 async def layer_reachable() -> bool:

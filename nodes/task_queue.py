@@ -21,7 +21,7 @@ from django.db import DatabaseError, transaction
 from django.db.models import Count, F, Q
 from django.utils import timezone
 
-from nodes import dispatch, events
+from nodes import dispatch, events, task_waiters
 from nodes.models import FINAL_TASK_STATUSES, Node, NodeProtocol, Task, TaskStatus
 from nodes.protocol import execute_tool_data, frame, task_assign_data, task_data
 
@@ -62,6 +62,9 @@ def node_message(
 
 def publish_task(event_type: str, task: Task) -> None:
     events.publish(event_type, {"task": task_data(task)})
+    if task.is_final:
+        task_id = task.task_id
+        transaction.on_commit(lambda: task_waiters.task_ended(task_id))
 
 
 def lock_node(node_id: str) -> Node | None:

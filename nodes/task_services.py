@@ -131,7 +131,16 @@ def send_outgoing(outgoing: Outgoing) -> None:
 
 def dispatch_and_send() -> None:
     """Run a dispatch pass now and send what it assigned (after a change that may let
-    a queued task run: a new task, a freed slot)."""
+    a queued task run: a new task, a freed slot).
+
+    In a hub process the pass is the runtime's coalesced one: concurrent API requests
+    share passes instead of each running its own over the same queued tasks (which
+    made them queue on the database's write lock). Elsewhere (a ``manage.py``
+    command, tests without background loops) the pass runs here."""
+    from nodes.runtime import runtime
+
+    if runtime.dispatch_from_thread():
+        return
     try:
         send_outgoing(task_dispatch_pending())
     except DatabaseError:

@@ -8,8 +8,6 @@ under ASGI, so a waiting request holds only that thread, never the consumers'.
 
 from __future__ import annotations
 
-import time
-
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.permissions import BasePermission
@@ -17,7 +15,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apexbridge.exceptions import ApiError
-from nodes import selectors, task_services
+from nodes import selectors, task_services, task_waiters
 from nodes.api.serializers import ErrorResponseSerializer
 from nodes.api.task_serializers import (
     TaskCancelSerializer,
@@ -29,7 +27,6 @@ from nodes.models import Task
 from nodes.protocol import task_data
 
 TASK_ID_REGEX = r"[A-Za-z0-9._:-]{1,64}"
-POLL_INTERVAL_S = 0.1
 
 ERRORS = {
     400: OpenApiResponse(ErrorResponseSerializer, description="Bad input; nothing was created or changed"),
@@ -66,11 +63,14 @@ def _task_or_404(task_id: str) -> Task:
 
 
 def _wait_for_end(task: Task, wait_s: float) -> Task:
-    deadline = time.monotonic() + wait_s
-    while not task.is_final and time.monotonic() < deadline:
-        time.sleep(min(POLL_INTERVAL_S, max(deadline - time.monotonic(), 0)))
-        task = selectors.task_get(task_id=task.task_id) or task
-    return task
+    if task.is_final or wait_s <= 0:
+        return task
+    return task_waiters.wait_until_final(
+        task.task_id,
+        wait_s,
+        load=lambda: selectors.task_get(task_id=task.task_id) or task,
+        is_final=lambda current: current.is_final,
+    )
 
 
 def _envelope(task: Task) -> dict:

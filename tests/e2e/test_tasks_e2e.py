@@ -207,6 +207,20 @@ async def test_load_spreads_over_two_nodes_and_capabilities_route(hub):
     assert n1.max_in_flight <= 2 and n2.max_in_flight <= 2
 
 
+async def test_concurrent_submissions_answer_with_the_task_already_assigned(hub):
+    # Given an idle node with room for all of them
+    worker = Worker(hub, "eager-1", max_concurrent=20, delay_s=(0.5, 0.5))
+    async with workers(worker):
+        # When ten tasks are submitted at once (they share the hub's dispatch passes)
+        replies = await asyncio.gather(*(submit(hub, toolArgs={"i": i}) for i in range(10)))
+        # Then every reply already shows its task handed to the node
+        assert [status for status, _ in replies] == [201] * 10
+        assert {task["status"] for _, task in replies} <= {"assigned", "succeeded"}, replies
+        assert {task["assignedNodeId"] for _, task in replies} == {"eager-1"}
+        done = [await ended(hub, task["taskId"]) for _, task in replies]
+    assert [t["result"] for t in done] == [{"i": i} for i in range(10)]
+
+
 async def test_queued_tasks_go_out_by_priority_then_age(hub):
     # Given tasks queued while no node is connected
     low = (await submit(hub, priority=1))[1]

@@ -340,7 +340,7 @@ class FuzzSession:
         await self.communicator.send_to(text_data='{"type":"ping","data":{}}')
         replies: list[dict] = []
         while True:
-            output = await self.communicator.receive_output(timeout=10)
+            output = await self.communicator.receive_output(timeout=60)  # generous: a loaded machine stalls
             if output["type"] == "websocket.close":
                 return replies, output.get("code", 1000)
             raw = output.get("text", "")
