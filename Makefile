@@ -45,6 +45,7 @@ format: install
 
 # A short run of every benchmark (small N; the full sizes: bench/run_all.py without --short).
 bench: install
+	$(PY) -m pip install --quiet -r requirements-bench.txt
 	$(PY) bench/run_all.py --short
 
 clean:

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.e2e.harness import (  # noqa: E402
+    SERVER,
     SHARED_KEY,
     Databases,
     HubServer,
@@ -104,7 +105,18 @@ def cpu_model() -> str:
 
 
 def versions() -> dict[str, str]:
-    names = ["Django", "channels", "channels_redis", "daphne", "Twisted", "websockets", "litellm", "psycopg"]
+    names = [
+        "Django",
+        "channels",
+        "channels_redis",
+        "daphne",
+        "Twisted",
+        "uvicorn",
+        "granian",
+        "websockets",
+        "litellm",
+        "psycopg",
+    ]
     found = {"python": platform.python_version()}
     for name in names:
         try:
@@ -173,6 +185,7 @@ class Bench:
         self.workdir = Path(tempfile.mkdtemp(prefix="apexbridge-bench-"))
         self.databases = Databases(self.workdir)
         self.hubs: list[HubServer] = []
+        self.server = SERVER  # APEXBRIDGE_TEST_SERVER, default daphne
 
     def hub(
         self,
@@ -181,6 +194,7 @@ class Bench:
         database_url: str | None = None,
         redis_url: str | None = None,
         cpus: set[int] | None = HUB_CPUS,
+        server: str | None = None,
     ) -> HubServer:
         extra = dict(BENCH_ENV)
         extra.update(env or {})
@@ -191,7 +205,9 @@ class Bench:
             extra["REDIS_URL"] = redis_url or redis_url_for_test()
         else:
             extra["DATABASE_URL"] = database_url or self.databases.sqlite_url()
-        hub = HubServer(base_env(**extra), self.workdir, name=f"bench{len(self.hubs)}")
+        hub = HubServer(
+            base_env(**extra), self.workdir, name=f"bench{len(self.hubs)}", server=server or self.server
+        )
         hub.start(timeout=60)
         pin(hub.process.pid, cpus)
         self.hubs.append(hub)

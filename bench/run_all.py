@@ -21,6 +21,7 @@ FULL = [
     ["bench_tasks.py", "--tasks", "10000", "--nodes", "10", "--runs", "3"],
     ["bench_llm.py", "--requests", "200", "--chunks", "50", "--runs", "3"],
     ["bench_scaleout.py", "--nodes", "1000", "--tasks", "2000", "--runs", "3"],
+    ["bench_servers.py", "--nodes", "1000", "--seconds", "10", "--tasks", "2000", "--runs", "3"],
 ]
 SHORT = [
     ["bench_nodes.py", "--nodes", "300", "--runs", "1", "--spread", "1"],
@@ -28,6 +29,19 @@ SHORT = [
     ["bench_tasks.py", "--tasks", "200", "--nodes", "5", "--sequential", "20", "--runs", "1"],
     ["bench_llm.py", "--requests", "20", "--chunks", "20", "--runs", "1"],
     ["bench_scaleout.py", "--nodes", "200", "--seconds", "3", "--tasks", "200", "--runs", "1"],
+    [
+        "bench_servers.py",
+        "--nodes",
+        "200",
+        "--rate",
+        "200",
+        "--seconds",
+        "3",
+        "--tasks",
+        "200",
+        "--runs",
+        "1",
+    ],
 ]
 
 

@@ -19,6 +19,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextvars
+import dataclasses
 import logging
 import os
 import socket
@@ -42,6 +43,8 @@ class HubRuntime:
     def __init__(self) -> None:
         self.process_id = f"hub-{socket.gethostname()[:20]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._buffer: dict[str, services.HeartbeatRecord] = {}
+        # What the last flush wrote per node: (connection id, stats, resources).
+        self._flushed: dict[str, tuple[str, dict | None, dict | None]] = {}
         # VCP nodes send no heartbeat: an open socket of this process is their liveness.
         self.vcp_connections: dict[str, str] = {}
         self._tasks: list[asyncio.Task] = []
@@ -71,6 +74,16 @@ class HubRuntime:
             record.resources = resources if resources is not None else previous.resources
         self._buffer[node_id] = record
 
+    def _without_repeats(self, record: services.HeartbeatRecord) -> services.HeartbeatRecord:
+        connection_id, stats, resources = self._flushed.get(record.node_id, (None, None, None))
+        if connection_id != record.connection_id:
+            return record
+        return dataclasses.replace(
+            record,
+            stats=None if record.stats == stats else record.stats,
+            resources=None if record.resources == resources else record.resources,
+        )
+
     def forget(self, node_id: str, connection_id: str | None = None) -> None:
         """Drop what this process keeps for a node; with ``connection_id``, only if it
         still belongs to that connection (a replaced socket closing after the takeover
@@ -78,6 +91,9 @@ class HubRuntime:
         record = self._buffer.get(node_id)
         if record is not None and connection_id in (None, record.connection_id):
             del self._buffer[node_id]
+        flushed = self._flushed.get(node_id)
+        if flushed is not None and connection_id in (None, flushed[0]):
+            del self._flushed[node_id]
         if connection_id in (None, self.vcp_connections.get(node_id)):
             self.vcp_connections.pop(node_id, None)
 
@@ -89,13 +105,18 @@ class HubRuntime:
         if not self._buffer:
             return []
         records, self._buffer = list(self._buffer.values()), {}
+        # Stats and resources are written only when they changed since the last flush
+        # (most heartbeats repeat them): the rest goes in one bulk UPDATE.
+        writes = [self._without_repeats(record) for record in records]
         try:
-            revived = await database_sync_to_async(services.node_flush_heartbeats)(records)
+            revived = await database_sync_to_async(services.node_flush_heartbeats)(writes)
         except Exception:
             # Keep the newest record per node for the next try; nothing is lost.
             for record in records:
                 self._buffer.setdefault(record.node_id, record)
             raise
+        for record in records:
+            self._flushed[record.node_id] = (record.connection_id, record.stats, record.resources)
         if revived:
             await self.dispatch()
         return revived
@@ -124,6 +145,8 @@ class HubRuntime:
         outgoing.extend(task_services.task_sweep_timeouts())
         if dispatch:
             outgoing.extend(task_services.task_dispatch_pending())
+        else:
+            task_services.task_note_layer_down()
         if time.monotonic() - self._last_log_prune > 60:
             self._last_log_prune = time.monotonic()
             services.node_logs_prune()
@@ -214,9 +237,11 @@ class HubRuntime:
         try:
             while waiter is not None:
                 try:
-                    if await layer_reachable():  # otherwise tasks wait queued, not half-assigned
+                    if await layer_reachable():
                         outgoing = await database_sync_to_async(task_services.task_dispatch_pending)()
                         await send_all(outgoing)
+                    else:  # tasks wait queued, not half-assigned, saying why
+                        await database_sync_to_async(task_services.task_note_layer_down)()
                 except Exception as exc:
                     waiter.set_exception(exc)
                     waiter.exception()  # marked retrieved: callers that left need not see it

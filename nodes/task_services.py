@@ -295,6 +295,17 @@ def task_release_node_attempts(*, node_id: str, connection_id: str | None, reaso
     return released
 
 
+LAYER_DOWN_REASON = "channel layer unavailable: waiting for it to come back"
+
+
+def task_note_layer_down() -> int:
+    """Say why new queued tasks are not dispatched while the channel layer is down
+    (dispatch waits for it; see ``runtime.layer_reachable``)."""
+    return Task.objects.filter(status=TaskStatus.QUEUED, waiting_reason="").update(
+        waiting_reason=LAYER_DOWN_REASON
+    )
+
+
 def task_return_undelivered(assignments: list[tuple[str, int]], reason: str) -> int:
     """Attempts whose ``task_assign`` never left the hub (the channel layer refused the
     message) go back to the queue at once, without counting as an attempt, instead of

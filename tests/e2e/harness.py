@@ -147,8 +147,52 @@ def redis_url_for_test() -> str:
 
 
 # --- hub processes -----------------------------------------------------------------------
+# The ASGI server that runs the hub: daphne (the default, and what the docs deploy),
+# or uvicorn / granian for the server comparison of bench/ (requirements-bench.txt).
+SERVER = os.environ.get("APEXBRIDGE_TEST_SERVER", "daphne")
+
+
+def server_command(server: str, port: int) -> list[str]:
+    app = "apexbridge.asgi:application"
+    commands = {
+        "daphne": ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "--websocket_timeout", "-1", app],
+        "uvicorn": [
+            "-m",
+            "uvicorn",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--lifespan",
+            "off",
+            "--ws",
+            "websockets",
+            "--ws-max-size",
+            str(16 * 2**20),
+            "--no-access-log",
+            app,
+        ],
+        # asginl: ASGI without lifespan (Channels' router does not take lifespan events)
+        "granian": [
+            "-m",
+            "granian",
+            "--interface",
+            "asginl",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            app,
+        ],
+    }
+    if server not in commands:
+        raise ValueError(f"unknown ASGI server {server!r}: one of {', '.join(commands)}")
+    return [PYTHON, *commands[server]]
+
+
 class HubServer:
-    def __init__(self, env: dict[str, str], logdir: Path, name: str = "hub") -> None:
+    def __init__(self, env: dict[str, str], logdir: Path, name: str = "hub", server: str = SERVER) -> None:
+        self.server = server
         self.env = env
         self.port = free_port()
         self.logdir = logdir
@@ -171,18 +215,7 @@ class HubServer:
     def start(self, timeout: float = 30) -> None:
         log = open(self.log_path, "a")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "--websocket_timeout",
-                "-1",
-                "apexbridge.asgi:application",
-            ],
+            server_command(self.server, self.port),
             cwd=ROOT,
             env=self.env,
             stdout=log,
