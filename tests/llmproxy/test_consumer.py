@@ -21,7 +21,7 @@ def llm_request(request_id: str, text: str, **fields) -> dict:
     return data
 
 
-async def until_response(node, request_id: str, timeout: float = 5) -> tuple[list[dict], dict]:
+async def until_response(node, request_id: str, timeout: float = 15) -> tuple[list[dict], dict]:
     """Frames of one request: its stream frames, then its llm_response."""
     streamed = []
     while True:
