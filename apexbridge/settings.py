@@ -185,7 +185,8 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            # channels' in-memory layer with a cheaper expiry sweep (apexbridge/layers.py)
+            "BACKEND": "apexbridge.layers.InMemoryChannelLayer",
             "CONFIG": {"capacity": env_int("APEXBRIDGE_CHANNEL_CAPACITY", 5000), "expiry": 60},
         }
     }

@@ -591,16 +591,16 @@ def verdicts(
         (
             "LLMRequestLog retention",
             None,
-            f"grows {llm_rate:.0f} rows/min with traffic and the hub has NO pruning "
-            "(no code deletes LLMRequestLog rows): unbounded over time",
+            f"grows {llm_rate:.0f} rows/min with traffic; rows older than "
+            "APEXBRIDGE_LLM_LOG_RETENTION_DAYS (default 30) are pruned by the sweep",
         )
     )
     out.append(
         (
             "Task retention",
             None,
-            f"grows {task_rate:.0f} rows/min with traffic and the hub has NO pruning "
-            "of finished tasks: unbounded over time",
+            f"grows {task_rate:.0f} rows/min with traffic; finished tasks older than "
+            "APEXBRIDGE_TASK_RETENTION_DAYS (default 30) are pruned by the sweep",
         )
     )
     status = final["rows"]["task_status"]
