@@ -7,11 +7,17 @@ event cost O(nodes): a registration storm was O(N²) (py-spy of a 3,000-node sto
 ~30 % of the process in that sweep; docs/BENCHMARKS.md). Here the sweep runs at
 most once a second; messages expire up to a second later, which nothing notices
 (the expiry is 60 s).
+
+Channel names come from ``uuid4`` instead of the global ``random`` module. Code that
+seeds ``random`` (hypothesis does, per example) made Channels hand out the same names
+again, so a new connection received a message left for an old one (found by the
+100,000-frame protocol fuzz: a fresh socket closed with 4000, "replaced").
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 
 from channels import layers
 
@@ -19,6 +25,9 @@ from channels import layers
 class InMemoryChannelLayer(layers.InMemoryChannelLayer):
     clean_interval_s = 1.0
     _last_clean = float("-inf")
+
+    async def new_channel(self, prefix: str = "specific.") -> str:
+        return f"{prefix}.inmemory!{uuid.uuid4().hex}"
 
     def _clean_expired(self) -> None:
         now = time.monotonic()

@@ -33,3 +33,18 @@ def test_expired_messages_are_still_dropped():
 
     layer = asyncio.run(scenario())
     assert "gone!1" not in layer.groups.get("g", {})
+
+
+def test_channel_names_do_not_repeat_when_random_is_reseeded():
+    import random
+
+    async def names():
+        layer = InMemoryChannelLayer()
+        found = []
+        for _ in range(3):
+            random.seed(1234)  # as hypothesis does before each example
+            found.append(await layer.new_channel())
+        return found
+
+    first, second, third = asyncio.run(names())
+    assert len({first, second, third}) == 3
