@@ -130,6 +130,23 @@ else:
         }
     }
 DATABASES["default"]["CONN_MAX_AGE"] = 0  # persistent connections leak under ASGI
+# PostgreSQL: Django's psycopg pool (one per process), off unless
+# APEXBRIDGE_DB_POOL_SIZE > 0. Under ASGI every unit of work opens and closes a
+# connection (CONN_MAX_AGE = 0); with the pool that is a checkout instead of a TCP
+# connection + authentication (docs/BENCHMARKS.md). The price: while PostgreSQL is
+# down, each unit of work waits APEXBRIDGE_DB_POOL_TIMEOUT for a connection before it
+# fails, where without the pool it fails at once (docs/DEPLOYMENT.md).
+APEXBRIDGE_DB_POOL_SIZE = env_int("APEXBRIDGE_DB_POOL_SIZE", 0)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and APEXBRIDGE_DB_POOL_SIZE > 0:
+    # Each connection is checked as it is handed out (one empty query): after a
+    # PostgreSQL restart the dead idle ones are dropped instead of failing a request.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": min(2, APEXBRIDGE_DB_POOL_SIZE),
+        "max_size": APEXBRIDGE_DB_POOL_SIZE,
+        "timeout": env_float("APEXBRIDGE_DB_POOL_TIMEOUT", 3.0),
+        "max_idle": 300,  # idle connections closed after 5 min, down to min_size
+    }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["ENGINE"] = "apexbridge.db.sqlite3"  # a sqlite:// DATABASE_URL
 if DATABASES["default"]["ENGINE"] == "apexbridge.db.sqlite3":

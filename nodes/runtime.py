@@ -33,6 +33,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
+from apexbridge.db.pool import release_pooled_connection
 from nodes import services
 from nodes.service_health import database_health, is_database_outage, layer_health, ping_layer
 
@@ -222,6 +223,7 @@ class HubRuntime:
         # An empty context, not this thread's: asgiref's thread-sensitive context of the
         # request would send the pass's database work back to this (waiting) thread.
         loop.call_soon_threadsafe(start, context=contextvars.Context())
+        release_pooled_connection()  # the pass needs a connection; this thread only waits
         try:
             future.result(timeout_s)
         except Exception as exc:

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from apexbridge.db.pool import release_pooled_connection
+
 RECHECK_S = 0.1
 
 T = TypeVar("T")
@@ -45,6 +47,7 @@ def wait_until_final(task_id: str, wait_s: float, load: Callable[[], T], is_fina
             current = load()  # it may have ended between the last read and the registration
             if is_final(current):
                 break
+            release_pooled_connection()
             event.wait(min(RECHECK_S, remaining))
         finally:
             with _lock:

@@ -15,6 +15,7 @@ import random
 import time
 import urllib.error
 
+import psycopg
 import pytest
 import websockets
 
@@ -428,3 +429,27 @@ async def test_two_hub_processes_never_assign_a_task_twice(make_hub):
     assert sorted(delivered) == sorted(task_ids)
     assert all(node.max_in_flight <= 2 for node in nodes)
     assert sum(1 for node in nodes if node.assigned) >= 3
+
+
+async def test_with_the_connection_pool_waiting_requests_do_not_starve_the_hub(make_hub):
+    # Given a hub on PostgreSQL with Django's connection pool of 3, a node answering slowly
+    hub = make_hub("services", env={"APEXBRIDGE_DB_POOL_SIZE": "3", "APEXBRIDGE_DB_POOL_TIMEOUT": "3"})
+    worker = Worker(hub, "pool-1", max_concurrent=20, delay_s=(0.3, 0.6))
+    token = hub.staff_token()
+    async with workers(worker):
+        # When twelve requests (four times the pool) wait for their tasks at once
+        body = {"toolName": "echo", "toolArgs": {}}
+        replies = await asyncio.gather(
+            *(hub.aapi("POST", "/api/tasks?wait=20", body, token=token) for _ in range(12))
+        )
+        # Then every one gets its result (200: final within the wait; no 503 for want
+        # of a connection)
+        assert [status for status, _ in replies] == [200] * 12, replies
+        assert [reply["task"]["status"] for _, reply in replies] == ["succeeded"] * 12
+        # And the hub never held more PostgreSQL connections than the pool
+        database = hub.env["DATABASE_URL"].rsplit("/", 1)[1]
+        with psycopg.connect(hub.env["DATABASE_URL"].rsplit("/", 1)[0] + "/postgres") as admin:
+            (connections,) = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)
+            ).fetchone()
+        assert 1 <= connections <= 3
