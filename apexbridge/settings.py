@@ -172,6 +172,8 @@ REDIS_URL = env_str("REDIS_URL")
 # Every key the hub keeps in Redis starts with this prefix (channel layer and quota
 # buckets), so several hubs, or several test runs, can share one Redis server.
 APEXBRIDGE_REDIS_PREFIX = env_str("APEXBRIDGE_REDIS_PREFIX", "apexbridge")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # test workers sharing one Redis: keys of their own
+    APEXBRIDGE_REDIS_PREFIX += f"-{os.environ['PYTEST_XDIST_WORKER']}"
 APEXBRIDGE_QUOTA_REDIS_PREFIX = f"{APEXBRIDGE_REDIS_PREFIX}:quota:"
 if REDIS_URL:
     CHANNEL_LAYERS = {

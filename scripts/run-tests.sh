@@ -22,14 +22,15 @@ echo "== pass 1: embedded defaults (SQLite + in-memory channel layer), $WORKERS 
 "$PY" -m pytest -n "$WORKERS" "$@" || status=1
 
 if port_open 5432 && port_open 6379; then
-  # One process: the admin events group and quota keys in Redis are shared. The test
-  # database (test_apexbridge_<pid>) and the Redis key prefix are this run's own, so
+  # The test databases (test_apexbridge_<pid>_gw<N>) and the Redis key prefixes
+  # (test<pid>-gw<N>, settings.py) are this run's and this worker's own, so workers and
   # two runs on one machine (or one left behind by a killed run) never share state.
-  echo "== pass 2: database and channel-layer tests on PostgreSQL + Redis"
+  WORKERS2="${APEXBRIDGE_TEST_WORKERS_PASS2:-2}"
+  echo "== pass 2: database and channel-layer tests on PostgreSQL + Redis, $WORKERS2 workers"
   DATABASE_URL="${APEXBRIDGE_TEST_DATABASE_URL:-postgres://root@127.0.0.1:5432/apexbridge_$$}" \
   REDIS_URL="${APEXBRIDGE_TEST_REDIS_LAYER_URL:-redis://127.0.0.1:6379/0}" \
   APEXBRIDGE_REDIS_PREFIX="test$$" \
-    "$PY" -m pytest -m "not e2e and not browser" --ignore=tests/e2e --ignore=tests/browser \
+    "$PY" -m pytest -n "$WORKERS2" -m "not e2e and not browser" --ignore=tests/e2e --ignore=tests/browser \
       --ignore=tests/client --ignore=tests/fuzz/test_protocol_fuzz.py "$@" || status=1
 elif [ "${APEXBRIDGE_REQUIRE_SERVICES:-0}" = 1 ]; then
   echo "FAILED: PostgreSQL (5432) or Redis (6379) is not reachable and APEXBRIDGE_REQUIRE_SERVICES=1"
