@@ -14,7 +14,7 @@ import argparse
 
 from bench_heartbeats import measure as measure_heartbeats
 from bench_tasks import measure as measure_tasks
-from common import Bench, machine_header, median_spread, print_table, services_available
+from common import BACKEND_LABELS, Bench, machine_header, median_spread, print_table, services_available
 
 
 def main() -> None:
@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--task-nodes", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--backend", choices=["services", "services-pool"], default="services")
     args = parser.parse_args()
     if not services_available():
         raise SystemExit("bench_scaleout needs PostgreSQL and Redis on 127.0.0.1")
@@ -32,11 +33,13 @@ def main() -> None:
     try:
         for hubs in (1, 2):
             results[("heartbeats", hubs)] = [
-                measure_heartbeats(bench, "services", args.nodes, 0, args.seconds, 2, hubs=hubs)["acks_per_s"]
+                measure_heartbeats(bench, args.backend, args.nodes, 0, args.seconds, 2, hubs=hubs)[
+                    "acks_per_s"
+                ]
                 for _ in range(args.runs)
             ]
             results[("tasks", hubs)] = [
-                measure_tasks(bench, "services", args.task_nodes, args.tasks, 20, hubs=hubs)[
+                measure_tasks(bench, args.backend, args.task_nodes, args.tasks, 20, hubs=hubs)[
                     "throughput_tasks_per_s"
                 ]
                 for _ in range(args.runs)
@@ -51,7 +54,9 @@ def main() -> None:
             [f"{what} ({unit})", median_spread(one, 0), median_spread(two, 0), median_spread(ratios, 2)]
         )
     print_table(
-        machine_header(f"bench_scaleout — 1 vs 2 hub processes on PostgreSQL + Redis, {args.runs} runs"),
+        machine_header(
+            f"bench_scaleout — 1 vs 2 hub processes on {BACKEND_LABELS[args.backend]}, {args.runs} runs"
+        ),
         ["benchmark", "1 hub", "2 hubs", "ratio"],
         rows,
         [

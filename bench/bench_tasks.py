@@ -1,8 +1,9 @@
 """Tasks through one hub process: round trip (submit -> task_assign -> task_result
 -> result visible) one at a time, and throughput with ``--nodes`` nodes answering
-at once, on SQLite and on PostgreSQL + Redis.
+at once, on SQLite and on PostgreSQL + Redis (without and with the psycopg pool).
 
-    .venv/bin/python bench/bench_tasks.py --tasks 10000 --nodes 10 --runs 3 --backends embedded services
+    .venv/bin/python bench/bench_tasks.py --tasks 10000 --nodes 10 --runs 3 \
+        --backends embedded services services-pool
 
 Round trip through the API: ``POST /api/tasks?wait=10`` until the reply carries the
 finished task. Inside the hub: the task's ``finishedAt - createdAt`` (ms resolution).
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 
 from common import (
+    BACKEND_LABELS,
+    BACKENDS,
     Bench,
     cpu_seconds,
     machine_header,
@@ -75,22 +78,20 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=200, help="round trips measured one at a time")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
-        "--backends", nargs="+", choices=["embedded", "services"], default=["embedded", "services"]
+        "--backends", nargs="+", choices=BACKENDS, default=["embedded", "services", "services-pool"]
     )
     args = parser.parse_args()
     bench = Bench()
     rows = []
     try:
         for backend in args.backends:
-            if backend == "services" and not services_available():
-                rows.append(["PostgreSQL + Redis", "not reachable", "", "", "", "", ""])
+            if backend != "embedded" and not services_available():
+                rows.append([BACKEND_LABELS[backend], "not reachable", "", "", "", "", ""])
                 continue
             runs = [
                 measure(bench, backend, args.nodes, args.tasks, args.sequential) for _ in range(args.runs)
             ]
-            rows.append(
-                row("SQLite, in-memory layer" if backend == "embedded" else "PostgreSQL + Redis", runs)
-            )
+            rows.append(row(BACKEND_LABELS[backend], runs))
     finally:
         bench.close()
     print_table(

@@ -43,6 +43,13 @@ LOADGEN = ROOT / "bench" / "loadgen.py"
 CORES = os.cpu_count() or 1
 HUB_CPUS = {0} if CORES >= 2 else None
 LOAD_CPUS = {1} if CORES >= 2 else None
+BACKENDS = ["embedded", "services", "services-pool"]
+BACKEND_LABELS = {
+    "embedded": "SQLite, in-memory layer",
+    "services": "PostgreSQL + Redis",
+    "services-pool": "PostgreSQL (psycopg pool) + Redis",
+}
+POOL_SIZE = 20
 # A benchmark hub keeps the default (slow) liveness timings: nothing should go offline.
 BENCH_ENV = {
     "APEXBRIDGE_HEARTBEAT_INTERVAL_MS": "30000",
@@ -197,6 +204,8 @@ class Bench:
         server: str | None = None,
     ) -> HubServer:
         extra = dict(BENCH_ENV)
+        if backend == "services-pool":  # PostgreSQL through Django's psycopg pool
+            backend, extra["APEXBRIDGE_DB_POOL_SIZE"] = "services", str(POOL_SIZE)
         extra.update(env or {})
         if backend == "services":
             if not services_available():
@@ -291,6 +300,8 @@ class LoadgenProcess:
 
 
 __all__ = [
+    "BACKENDS",
+    "BACKEND_LABELS",
     "SHARED_KEY",
     "Bench",
     "LoadgenProcess",

@@ -6,6 +6,6 @@ class NodesConfig(AppConfig):
     name = "nodes"
 
     def ready(self) -> None:
-        from nodes.auth import hide_keys_in_daphne_access_log
+        from nodes.auth import hide_keys_in_server_logs
 
-        hide_keys_in_daphne_access_log()
+        hide_keys_in_server_logs()

@@ -40,12 +40,38 @@ class KeyIdentity:
         return "shared key" if self.kind == "shared" else f"node key {self.name!r} (#{self.key_id})"
 
 
-_SECRET_IN_PATH = re.compile(r"((?:VCP_Key|ABP_Key|token)=)[^/?#&\s\"]*")
+# ``=`` may arrive percent-encoded (uvicorn logs the quoted path: ``VCP_Key%3D…``).
+_SECRET_IN_PATH = re.compile(r"((?:VCP_Key|ABP_Key|token)(?:=|%3[dD]))[^/?#&\s\"]*")
 
 
 def redact_keys(text: str) -> str:
     """A request path (or log line) with every key or token value in it hidden."""
     return _SECRET_IN_PATH.sub(r"\1***", text)
+
+
+class RedactKeysFilter(logging.Filter):
+    """A logging filter that hides key and token values in the record's message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_keys(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+# Loggers of the other ASGI servers that print request paths (docs/DEPLOYMENT.md).
+SERVER_LOGGERS = ("uvicorn.error", "uvicorn.access", "granian.access", "_granian", "granian")
+
+
+def hide_keys_in_server_logs() -> None:
+    """Nodes put their key in the WebSocket path, and servers log paths: daphne's
+    access log is patched; uvicorn's and granian's loggers get a redacting filter."""
+    hide_keys_in_daphne_access_log()
+    for name in SERVER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactKeysFilter) for f in logger.filters):
+            logger.addFilter(RedactKeysFilter())
 
 
 def hide_keys_in_daphne_access_log() -> None:

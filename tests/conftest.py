@@ -194,3 +194,20 @@ def make_node(db):
         return Node.objects.create(node_id=node_id, **defaults)
 
     return make
+
+
+# --- a database that refuses connections (tests/nodes/test_database_outage.py, tests/api) ---
+def database_refused(*args, **kwargs):
+    """Stands in for a service or selector while PostgreSQL refuses connections."""
+    from django.db import OperationalError
+
+    raise OperationalError('connection to server at "127.0.0.1", port 5432 failed: Connection refused')
+
+
+@pytest.fixture
+def database_recovers_after():
+    """The process-wide database health is back to healthy after the test."""
+    from nodes.service_health import database_health
+
+    yield
+    database_health.recovered()

@@ -4,23 +4,12 @@ envelope (tests/nodes/test_database_outage.py has the node socket's side)."""
 from __future__ import annotations
 
 import pytest
-from django.db import OperationalError
 
 from nodes import selectors
 from nodes.models import Node
-from nodes.service_health import database_health
+from tests.conftest import database_refused as refused
 
-pytestmark = pytest.mark.django_db
-
-
-def refused(*args, **kwargs):
-    raise OperationalError('connection to server at "127.0.0.1", port 5432 failed: Connection refused')
-
-
-@pytest.fixture(autouse=True)
-def _healthy_again():
-    yield
-    database_health.recovered()
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("database_recovers_after")]
 
 
 def test_the_api_answers_503_in_its_envelope(staff_client, monkeypatch, caplog):

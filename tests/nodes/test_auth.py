@@ -95,6 +95,8 @@ def test_create_node_key_command_prints_the_key_once(capsys):
         ("/distributed-server/ABP_Key=shared-key", "/distributed-server/ABP_Key=***"),
         ("/ws/admin/events/?token=abc123&x=1", "/ws/admin/events/?token=***&x=1"),
         ("/abp-distributed-server/", "/abp-distributed-server/"),
+        # uvicorn logs the percent-encoded path
+        ("/vcp-distributed-server/VCP_Key%3Dtopsecret", "/vcp-distributed-server/VCP_Key%3D***"),
     ],
 )
 def test_keys_are_hidden_in_logged_paths(path, shown):
@@ -114,3 +116,15 @@ def test_daphne_access_log_hides_keys():
     )
     assert "topsecret" not in stream.getvalue()
     assert "VCP_Key=***" in stream.getvalue()
+
+
+@pytest.mark.parametrize("logger_name", ["uvicorn.error", "uvicorn.access", "granian.access"])
+def test_other_servers_logs_hide_keys(logger_name, caplog):
+    # uvicorn logs a refused handshake with its path on uvicorn.error, even without
+    # an access log; the hub's filter is on the server's own loggers
+    with caplog.at_level(logging.INFO, logger=logger_name):
+        logging.getLogger(logger_name).info(
+            '%s - "WebSocket %s" 403', "127.0.0.1:5", "/vcp-distributed-server/VCP_Key%3Dtopsecret"
+        )
+    assert "topsecret" not in caplog.text
+    assert "VCP_Key%3D***" in caplog.text

@@ -7,25 +7,17 @@ tests/e2e/test_faults_e2e.py."""
 from __future__ import annotations
 
 import pytest
-from django.db import OperationalError
 
 from nodes import services
-from nodes.service_health import database_health
+from tests.conftest import database_refused as refused
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("database_recovers_after"),
+]
 
 
 REGISTER = {"nodeId": "n1", "name": "n1", "type": "worker", "capabilities": []}
-
-
-def refused(*args, **kwargs):
-    raise OperationalError('connection to server at "127.0.0.1", port 5432 failed: Connection refused')
-
-
-@pytest.fixture(autouse=True)
-def _healthy_again():
-    yield
-    database_health.recovered()
 
 
 async def test_a_registration_without_database_is_refused_as_service_unavailable(node_socket, monkeypatch):
