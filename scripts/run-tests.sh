@@ -25,8 +25,10 @@ if port_open 5432 && port_open 6379; then
   # The test databases (test_apexbridge_<pid>_gw<N>) and the Redis key prefixes
   # (test<pid>-gw<N>, settings.py) are this run's and this worker's own, so workers and
   # two runs on one machine (or one left behind by a killed run) never share state.
-  WORKERS2="${APEXBRIDGE_TEST_WORKERS_PASS2:-2}"
-  echo "== pass 2: database and channel-layer tests on PostgreSQL + Redis, $WORKERS2 workers"
+  # One process by default (-n 0): on 2 cores, two workers plus PostgreSQL and Redis
+  # starve the timing-sensitive LLM consumer tests (a reply 10 s late was seen).
+  WORKERS2="${APEXBRIDGE_TEST_WORKERS_PASS2:-0}"
+  echo "== pass 2: database and channel-layer tests on PostgreSQL + Redis, -n $WORKERS2"
   DATABASE_URL="${APEXBRIDGE_TEST_DATABASE_URL:-postgres://root@127.0.0.1:5432/apexbridge_$$}" \
   REDIS_URL="${APEXBRIDGE_TEST_REDIS_LAYER_URL:-redis://127.0.0.1:6379/0}" \
   APEXBRIDGE_REDIS_PREFIX="test$$" \
