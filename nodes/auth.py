@@ -53,7 +53,10 @@ class RedactKeysFilter(logging.Filter):
     """A logging filter that hides key and token values in the record's message."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format is the handler's to report, as usual
+            return True
         redacted = redact_keys(message)
         if redacted != message:
             record.msg, record.args = redacted, None

@@ -128,3 +128,13 @@ def test_other_servers_logs_hide_keys(logger_name, caplog):
         )
     assert "topsecret" not in caplog.text
     assert "VCP_Key%3D***" in caplog.text
+
+
+def test_the_redacting_filter_lets_a_badly_formatted_record_through():
+    # a logging call with the wrong arguments must not raise from the filter in the
+    # caller's code; the handler reports it, as for any other logger
+    from nodes.auth import RedactKeysFilter
+
+    record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, "%s and %s", ("one",), None)
+    assert RedactKeysFilter().filter(record) is True
+    assert record.msg == "%s and %s"
