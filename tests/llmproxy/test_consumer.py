@@ -143,7 +143,10 @@ async def test_llm_request_before_registration_is_refused(node_socket, marker):
     assert reply["type"] == "error" and reply["data"]["code"] == "not_registered"
 
 
-async def test_duplicate_request_id_in_flight_is_refused(node_socket, marker):
+async def test_duplicate_request_id_in_flight_is_refused(node_socket, marker, settings):
+    # The cancel must reach the hub while "slow" still waits (30 s): on a loaded CI
+    # machine (PostgreSQL + Redis) the replies before it took over the usual 10 s.
+    settings.APEXBRIDGE_LLM_TIMEOUT_MS = 25_000
     node, _ = await registered(node_socket)
     await node.send("llm_request", llm_request("r-1", marker(), model="openai/slow"))
     await node.send("llm_request", llm_request("r-1", marker()))
@@ -159,7 +162,8 @@ async def test_duplicate_request_id_in_flight_is_refused(node_socket, marker):
     assert reply["success"] is True
 
 
-async def test_a_long_request_does_not_block_the_connection(node_socket, marker):
+async def test_a_long_request_does_not_block_the_connection(node_socket, marker, settings):
+    settings.APEXBRIDGE_LLM_TIMEOUT_MS = 25_000  # as above: the cancel must beat the time-out
     node, _ = await registered(node_socket)
     await node.send("llm_request", llm_request("r-slow", marker(), model="openai/slow"))
     ack = await node.request("heartbeat", {"nodeId": "n1"})
