@@ -67,6 +67,7 @@ def row(label: str, runs: list[dict]) -> list:
         median_spread([r["sequential"]["p50_ms"] or float("nan") for r in runs], 1),
         median_spread([r["sequential"]["p99_ms"] or float("nan") for r in runs], 1),
         median_spread([r["throughput_tasks_per_s"] for r in runs], 0),
+        median_spread([1000 * r["hub_cpu_s"] / (r["tasks"] + r["sequential"]["n"]) for r in runs], 1),
         sum(r["sequential_failures"] + r["submit_errors"] + r["tasks"] - r["completed"] for r in runs),
     ]
 
@@ -86,7 +87,7 @@ def main() -> None:
     try:
         for backend in args.backends:
             if backend != "embedded" and not services_available():
-                rows.append([BACKEND_LABELS[backend], "not reachable", "", "", "", "", ""])
+                rows.append([BACKEND_LABELS[backend], "not reachable", "", "", "", "", "", ""])
                 continue
             runs = [
                 measure(bench, backend, args.nodes, args.tasks, args.sequential) for _ in range(args.runs)
@@ -105,12 +106,14 @@ def main() -> None:
             "POST ?wait p50 ms",
             "POST ?wait p99 ms",
             "tasks/s",
+            "hub CPU ms/task",
             "errors",
         ],
         rows,
         [
             "in hub: finishedAt - createdAt (ms clock); POST ?wait: HTTP round trip at the client.",
             "tasks/s: 32 HTTP clients submitting, until the last task_result_ack; median (min–max).",
+            "hub CPU ms/task: the hub process's user + system CPU over the whole run, per task.",
         ],
     )
 

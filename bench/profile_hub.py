@@ -64,7 +64,7 @@ def summarize(raw: Path, top: int, focus: str, by_self: bool = False) -> tuple[i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["embedded", "services"], default="embedded")
-    parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--sample-rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--focus", default="", help="only functions whose 'name file' contains this")
     parser.add_argument("--self", dest="by_self", action="store_true", help="rank by self time")
@@ -84,7 +84,7 @@ def main() -> None:
     try:
         hub = bench.hub(args.backend)
         connection = ["--url", hub.node_url(), "--http", hub.http_url, "--token", hub.staff_token()]
-        command = [str(PY_SPY), "record", "--pid", str(hub.process.pid), "--rate", str(args.rate)]
+        command = [str(PY_SPY), "record", "--pid", str(hub.process.pid), "--rate", str(args.sample_rate)]
         command += ["--format", "raw", "--output", str(raw), "--threads", "--nonblocking"]
         if args.gil:
             command.append("--gil")

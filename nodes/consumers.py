@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any
 from urllib.parse import parse_qs
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer, AsyncWebsocketConsumer
 from django.conf import settings
@@ -82,8 +83,28 @@ def _llm_available() -> bool:
     return llm_available()
 
 
+class NoDatabaseHopPerMessageMixin:
+    """Channels' ``AsyncConsumer.dispatch`` runs ``close_old_connections`` on the
+    database thread before every message: one hop per heartbeat, queued behind
+    whatever that single thread is doing (a heartbeat flush, a sweep, a task), which
+    made a heartbeat's ack wait for unrelated database work and cost a quarter of
+    the hub's CPU under heartbeat load (docs/BENCHMARKS.md). These consumers touch
+    the database only through ``database_sync_to_async``, which closes old
+    connections around each call itself, so the per-message hop is left out."""
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+
 class NodeConsumer(
-    ResilientChannelReceiveMixin, TaskConsumerMixin, LLMProxyConsumerMixin, AsyncWebsocketConsumer
+    NoDatabaseHopPerMessageMixin,
+    ResilientChannelReceiveMixin,
+    TaskConsumerMixin,
+    LLMProxyConsumerMixin,
+    AsyncWebsocketConsumer,
 ):
     """One node connection. After ``node_register`` it acts only as that node."""
 
@@ -426,7 +447,9 @@ class NodeConsumer(
         await self.send(text_data=event["frame"])
 
 
-class AdminEventsConsumer(ResilientChannelReceiveMixin, AsyncJsonWebsocketConsumer):
+class AdminEventsConsumer(
+    NoDatabaseHopPerMessageMixin, ResilientChannelReceiveMixin, AsyncJsonWebsocketConsumer
+):
     """Pushes hub events to staff (session cookie or ``?token=``)."""
 
     async def connect(self) -> None:

@@ -4,11 +4,19 @@ Services publish with ``publish()``, which waits for the surrounding transaction
 commit, so a listener never hears about a change that was rolled back. Async code
 outside a transaction (the LLM proxy) uses ``apublish()``. The channel layer is
 at-most-once: events are notifications for dashboards, never the truth.
+
+In a hub process (its event loop running) events are handed to one sender task on
+that loop and sent in the order they were published: the thread that published
+does not wait for the channel layer (the database thread, which every node and
+task message needs, used to wait for the loop once per event). Elsewhere (a
+``manage.py`` command, tests without the background loops) they are sent at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import deque
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -54,12 +62,20 @@ def _layer_message(event_type: str, data: dict[str, Any]) -> dict[str, Any]:
     return {"type": "hub.event", "event": event_type, "data": payload}
 
 
-def _send_now(message: dict[str, Any]) -> None:
+# Events waiting for the sender task; beyond this many (a channel layer that hangs)
+# the oldest are dropped, with a warning: events are notifications, not the truth.
+MAX_PENDING = 10_000
+_pending: deque[dict[str, Any]] = deque()
+_sender: asyncio.Task | None = None
+_dropped = 0
+
+
+async def _group_send(message: dict[str, Any]) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
     try:
-        async_to_sync(layer.group_send)(ADMIN_EVENTS_GROUP, message)
+        await layer.group_send(ADMIN_EVENTS_GROUP, message)
     except Exception as exc:  # a lost event must never break the change that caused it
         layer_health.failed(exc)
         logger.info("could not publish event %s: %s", message.get("event"), exc)
@@ -67,12 +83,57 @@ def _send_now(message: dict[str, Any]) -> None:
         layer_health.recovered()
 
 
+def _send_now(message: dict[str, Any]) -> None:
+    """Send from sync code and wait for it (no hub event loop in this process)."""
+    async_to_sync(_group_send)(message)
+
+
+def _enqueue(message: dict[str, Any]) -> None:
+    """On the hub's event loop: queue for the sender task, starting it if idle."""
+    global _sender, _dropped
+    if len(_pending) >= MAX_PENDING:
+        _pending.popleft()
+        _dropped += 1
+        if _dropped == 1 or _dropped % 1000 == 0:
+            logger.warning("channel layer too slow for hub events: %d event(s) dropped so far", _dropped)
+    _pending.append(message)
+    loop = asyncio.get_running_loop()
+    if _sender is None or _sender.done() or _sender.get_loop() is not loop:
+        _sender = loop.create_task(_send_pending())
+
+
+async def _send_pending() -> None:
+    while _pending:
+        await _group_send(_pending.popleft())
+
+
+def _hub_loop() -> asyncio.AbstractEventLoop | None:
+    from nodes.runtime import runtime
+
+    return runtime.running_loop()
+
+
+def _deliver(message: dict[str, Any]) -> None:
+    loop = _hub_loop()
+    if loop is None:
+        _send_now(message)
+        return
+    try:
+        on_loop = asyncio.get_running_loop() is loop
+    except RuntimeError:
+        on_loop = False
+    if on_loop:
+        _enqueue(message)
+    else:
+        loop.call_soon_threadsafe(_enqueue, message)
+
+
 def publish(event_type: str, data: dict[str, Any]) -> None:
     """Publish after the current transaction commits (at once outside one)."""
     message = _layer_message(event_type, data)
     if event_type in NOT_SENT_TO_ADMIN:
         return
-    transaction.on_commit(lambda: _send_now(message))
+    transaction.on_commit(lambda: _deliver(message))
 
 
 async def apublish(event_type: str, data: dict[str, Any]) -> None:
@@ -80,13 +141,7 @@ async def apublish(event_type: str, data: dict[str, Any]) -> None:
     message = _layer_message(event_type, data)
     if event_type in NOT_SENT_TO_ADMIN:
         return
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    try:
-        await layer.group_send(ADMIN_EVENTS_GROUP, message)
-    except Exception as exc:
-        layer_health.failed(exc)
-        logger.info("could not publish event %s: %s", event_type, exc)
+    if _hub_loop() is asyncio.get_running_loop():
+        _enqueue(message)  # in order with the events of the database thread
     else:
-        layer_health.recovered()
+        await _group_send(message)

@@ -254,6 +254,13 @@ class HubRuntime:
             self._dispatch_running = None
 
     # --- loops -------------------------------------------------------------------------
+    def running_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop this process's background loops run on, while it runs."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running() or not self._tasks:
+            return None
+        return loop
+
     def ensure_started(self) -> None:
         if not getattr(settings, "APEXBRIDGE_BACKGROUND_LOOPS", True):
             return

@@ -13,6 +13,7 @@ locks the node first and the task second, so hub processes cannot deadlock.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -31,6 +32,8 @@ Outgoing = list[tuple[str, dict[str, Any]]]
 
 # Queued tasks looked at per dispatch pass, highest priority and oldest first.
 DISPATCH_BATCH = 500
+# Read a page at a time: a pass usually fills the free slots within the first page.
+DISPATCH_PAGE = 50
 # Rows handled per sweep step; the next sweep takes the rest.
 SWEEP_BATCH = 1000
 ENDED_UNSUCCESSFULLY = frozenset(FINAL_TASK_STATUSES) - {TaskStatus.SUCCEEDED}
@@ -70,7 +73,7 @@ def publish_task(event_type: str, task: Task) -> None:
 def lock_node(node_id: str) -> Node | None:
     if not node_id:
         return None
-    return Node.objects.select_for_update().filter(pk=node_id).first()
+    return Node.objects.select_for_update().filter(pk=node_id).only(*NODE_FIELDS).first()
 
 
 def _in_flight_counts(node_ids: list[str]) -> dict[str, int]:
@@ -144,58 +147,153 @@ def claim_task(task_id: str, node_id: str) -> Claim:
     return Claim(assigned=message)
 
 
+@dataclass(frozen=True)
+class QueuedTask:
+    """What the dispatch pass needs of a queued task (read as a row, not a model)."""
+
+    task_id: str
+    tool_name: str
+    capability: str
+    node_id: str
+    tried_node_ids: list
+    waiting_reason: str
+
+    @property
+    def requirements(self) -> tuple[str, str, str]:
+        """All that decides whether a node is eligible (PROTOCOL §3.3, clauses 2-4)."""
+        return (self.tool_name, self.capability, self.node_id)
+
+
+QUEUED_TASK_FIELDS = ("task_id", "tool_name", "capability", "node_id", "tried_node_ids", "waiting_reason")
+
+
 def task_dispatch_pending() -> Outgoing:
     """Give queued tasks to eligible nodes (PROTOCOL §3.3), priority 10 first, oldest
     first within a priority. Tasks that stay queued get their ``waitingReason``.
-    Safe to run in several processes at once."""
+    Safe to run in several processes at once.
+
+    The pass runs after every change that may free a slot, so it must stay cheap
+    when little can be assigned (a long queue behind full nodes): queued tasks are
+    read as rows, in order, only until every node is full; once tasks with some
+    requirements found no node, later tasks with the same requirements are not
+    looked at again in this pass (a pass only fills slots, so they cannot find one
+    either); and when no node has a free slot, only queued tasks without a waiting
+    reason yet are read (to get one; the others keep theirs until a pass with a
+    free slot reaches them)."""
     _settle_dependencies()
-    outgoing: Outgoing = []
     now = timezone.now()
-    queued = list(
-        Task.objects.filter(status=TaskStatus.QUEUED, dependencies_pending=False)
-        .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
-        .order_by("-priority", "created_at", "task_id")
-        .only("task_id", "tool_name", "capability", "node_id", "tried_node_ids", "waiting_reason")[
-            :DISPATCH_BATCH
-        ]
+    ready = Task.objects.filter(status=TaskStatus.QUEUED, dependencies_pending=False).filter(
+        Q(not_before__isnull=True) | Q(not_before__lte=now)
     )
-    if not queued:
-        return outgoing  # the common case on a busy hub: no node rows to read
+    if not ready.exists():
+        return []  # the common case on a busy hub: no node rows to read
     nodes = {
         node.node_id: node
         for node in Node.objects.exclude(connection_id="")
         .filter(status__in=dispatch.ASSIGNABLE_STATUSES)
         .only(*NODE_FIELDS)
     }
-    in_flight = _in_flight_counts(list(nodes))
-    for task in queued:
-        for _ in range(5):  # a cached node row that turned out stale is refreshed and retried
+    pass_ = DispatchPass(nodes, _in_flight_counts(list(nodes)))
+    if pass_.free_slots():
+        pass_.run(_in_order(ready))
+    if not pass_.free_slots():
+        pass_.run(_in_order(ready.filter(waiting_reason="")))
+    pass_.save_reasons()
+    return pass_.outgoing
+
+
+def _in_order(queued) -> Iterator[QueuedTask]:
+    """Up to ``DISPATCH_BATCH`` queued tasks, highest priority and oldest first, read a
+    page at a time (no cursor stays open while tasks are claimed)."""
+    after: Q | None = None
+    remaining = DISPATCH_BATCH
+    while remaining > 0:
+        page = queued.filter(after) if after is not None else queued
+        rows = list(
+            page.order_by("-priority", "created_at", "task_id").values_list(
+                "priority", "created_at", *QUEUED_TASK_FIELDS
+            )[: min(DISPATCH_PAGE, remaining)]
+        )
+        for row in rows:
+            yield QueuedTask(*row[2:])
+        if len(rows) < min(DISPATCH_PAGE, remaining):
+            return
+        remaining -= len(rows)
+        priority, created_at, task_id = rows[-1][:3]
+        after = (
+            Q(priority__lt=priority)
+            | Q(priority=priority, created_at__gt=created_at)
+            | Q(priority=priority, created_at=created_at, task_id__gt=task_id)
+        )
+
+
+class DispatchPass:
+    """One pass over queued tasks with the node rows and in-flight counts read once."""
+
+    def __init__(self, nodes: dict[str, Node], in_flight: dict[str, int]) -> None:
+        self.nodes = nodes
+        self.in_flight = in_flight
+        self.outgoing: Outgoing = []
+        self.reasons: dict[str, str] = {}  # task id -> its new waiting reason
+        self._blocked: dict[tuple[str, str, str], str] = {}  # requirements -> why no node
+
+    def free_slots(self) -> bool:
+        return any(
+            dispatch.accepts_new_work(node)
+            and dispatch.has_free_slot(node, self.in_flight.get(node.node_id, 0))
+            for node in self.nodes.values()
+        )
+
+    def run(self, queued: Iterator[QueuedTask]) -> None:
+        """Assign or explain each task; stops reading once every node is full, unless
+        the tasks only need explaining."""
+        explaining_only = not self.free_slots()
+        for task in queued:
+            reason = self._blocked.get(task.requirements)
+            if reason is None:
+                reason = self._assign_or_explain(task)
+                if reason is not None:
+                    self._blocked[task.requirements] = reason
+                elif not explaining_only and not self.free_slots():
+                    return
+            if reason and reason != task.waiting_reason:
+                self.reasons[task.task_id] = reason[:255]
+
+    def save_reasons(self) -> None:
+        by_reason: dict[str, list[str]] = {}
+        for task_id, reason in self.reasons.items():
+            by_reason.setdefault(reason, []).append(task_id)
+        for reason, task_ids in by_reason.items():
+            Task.objects.filter(pk__in=task_ids, status=TaskStatus.QUEUED).update(waiting_reason=reason)
+
+    def _assign_or_explain(self, task: QueuedTask) -> str | None:
+        """Claim ``task`` for the best eligible node (its message goes to ``outgoing``)
+        and return None, or return why no node is eligible. A cached node row that
+        turned out stale is refreshed and the choice made again."""
+        nodes, in_flight = self.nodes, self.in_flight
+        for _ in range(5):
             node = dispatch.choose_node(task, nodes.values(), in_flight)
             if node is None:
-                reason = dispatch.waiting_reason(task, nodes.values(), in_flight)
-                if reason and reason != task.waiting_reason:
-                    Task.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(
-                        waiting_reason=reason[:255]
-                    )
-                break
+                return dispatch.waiting_reason(task, nodes.values(), in_flight)
             try:
                 claim = claim_task(task.task_id, node.node_id)
             except DatabaseError:
                 logger.warning("could not claim task %s; the next pass retries", task.task_id, exc_info=True)
-                break
+                return None
             if claim.assigned is not None:
-                outgoing.append(claim.assigned)
+                self.outgoing.append(claim.assigned)
                 in_flight[node.node_id] = in_flight.get(node.node_id, 0) + 1
                 node.last_assigned_at = timezone.now()
-                break
+                return None
             if claim.task_gone:
-                break
+                return None
+            self._blocked.clear()  # fresher node rows: what blocked before may not now
             if claim.node is None or not dispatch.is_connected(claim.node):
                 nodes.pop(node.node_id, None)
             else:
                 nodes[node.node_id] = claim.node
                 in_flight[node.node_id] = claim.in_flight
-    return outgoing
+        return None
 
 
 def _settle_dependencies() -> None:

@@ -454,11 +454,11 @@ def task_complete(
     """Accept a node's result for the current attempt (``task_result`` or VCP
     ``tool_result``). Raises ``ProtocolError`` (``unknown_task``, ``node_mismatch``,
     ``stale_result``) and changes nothing for any other result."""
-    if not Task.objects.filter(pk=task_id).exists():
-        raise ProtocolError(ErrorCode.UNKNOWN_TASK, f"No task {task_id!r}")
     with transaction.atomic():
         lock_node(node_id)
-        task = Task.objects.select_for_update().get(pk=task_id)
+        task = Task.objects.select_for_update().filter(pk=task_id).first()
+        if task is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_TASK, f"No task {task_id!r}")
         _check_result_source(task, node_id, connection_id, attempt)
         now = timezone.now()
         elapsed_ms = _ms(now - task.assigned_at) if task.assigned_at else 0

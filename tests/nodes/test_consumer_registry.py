@@ -3,9 +3,12 @@ node_unregister and takeover."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from datetime import timedelta
 
 import pytest
+from channels.db import database_sync_to_async
 from django.utils import timezone
 
 from nodes.models import Node, NodeLog
@@ -180,6 +183,23 @@ async def test_takeover_closes_the_older_socket_with_4000_and_keeps_stats(node_s
     assert row.status == "online" and row.connection_id == new.ack["data"]["connectionId"]
     ack = await new.request("heartbeat", {"nodeId": "t-1"})
     assert ack["data"]["success"] is True
+
+
+async def test_a_heartbeat_is_acknowledged_while_the_database_thread_is_busy(node_socket):
+    # Given a registered node and the process's one database thread busy with
+    # something slow (a big flush, a sweep)
+    node = await node_socket()
+    await node.register("busy-db")
+    release = threading.Event()
+    busy = asyncio.ensure_future(database_sync_to_async(release.wait)(10))
+    await asyncio.sleep(0.05)
+    try:
+        # When the node heartbeats, the ack comes without waiting for that work
+        ack = await node.request("heartbeat", {"nodeId": "busy-db"}, timeout=1)
+        assert ack["type"] == "heartbeat_ack" and ack["data"]["success"] is True
+    finally:
+        release.set()
+        await busy
 
 
 async def test_heartbeats_of_the_new_socket_survive_the_old_socket_closing(node_socket):

@@ -260,3 +260,65 @@ async def test_events_reach_every_listener(admin_events, node_socket):
     for socket in sockets:
         assert (await socket.next("node_registered"))["data"]["node"]["nodeId"] == "ev-6"
     assert json.dumps(await sockets[0].all(), default=str)  # the rest arrives as JSON
+
+
+# --- in a hub process: events leave through one sender task on the hub's loop ---------------
+async def test_in_a_hub_process_the_publishing_thread_does_not_wait_and_order_is_kept(monkeypatch):
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(events, "_hub_loop", lambda: loop)
+    layer_may_answer = asyncio.Event()
+    sent: list[str] = []
+
+    async def slow_layer(message):
+        await layer_may_answer.wait()  # a channel layer that has not answered yet
+        sent.append(message["data"]["nodeId"])
+
+    monkeypatch.setattr(events, "_group_send", slow_layer)
+
+    def publish_three() -> None:
+        with transaction.atomic():
+            for node_id in ("a", "b", "c"):
+                events.publish("node_unregistered", {"nodeId": node_id, "reason": "x"})
+
+    # Returns although the layer has sent nothing: the thread did not wait for it.
+    await asyncio.wait_for(database_sync_to_async(publish_three)(), 5)
+    await events.apublish("llm_proxy_completed", {"nodeId": "d", "requestId": "r", "model": "m"})
+    assert sent == []
+    layer_may_answer.set()
+    for _ in range(100):
+        if len(sent) == 4:
+            break
+        await asyncio.sleep(0.01)
+    assert sent == ["a", "b", "c", "d"]
+
+
+async def test_a_hung_channel_layer_drops_the_oldest_events_with_a_warning(monkeypatch, caplog):
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(events, "_hub_loop", lambda: loop)
+    monkeypatch.setattr(events, "MAX_PENDING", 3)
+    monkeypatch.setattr(events, "_dropped", 0)
+    hung = asyncio.Event()
+    sent: list[str] = []
+
+    async def hung_layer(message):
+        sent.append(message["data"]["nodeId"])
+        await hung.wait()
+
+    monkeypatch.setattr(events, "_group_send", hung_layer)
+
+    def deliver(node_id: str) -> None:
+        events._deliver(events._layer_message("node_unregistered", {"nodeId": node_id, "reason": "x"}))
+
+    deliver("a")
+    await asyncio.sleep(0.05)  # the sender took "a" and hangs on it
+    assert sent == ["a"]
+    for node_id in ("b", "c", "d", "e", "f"):
+        deliver(node_id)
+    assert [m["data"]["nodeId"] for m in events._pending] == ["d", "e", "f"]  # b and c dropped
+    assert "channel layer too slow for hub events: 1 event(s) dropped so far" in caplog.text
+    hung.set()
+    for _ in range(100):
+        if len(sent) == 4:
+            break
+        await asyncio.sleep(0.01)
+    assert sent == ["a", "d", "e", "f"]

@@ -134,6 +134,54 @@ def test_waiting_reason_is_kept_up_to_date():
     assert reload(task).waiting_reason == "no connected node has capability 'gpu'"
 
 
+def test_a_long_queue_behind_a_full_node_is_explained_in_a_few_queries(django_assert_max_num_queries):
+    # Given a node at its limit and a long queue behind it, some tasks needing a GPU
+    make_node("n1", max_concurrent_tasks=1)
+    task_queue.claim_task(submit().task_id, "n1")
+    waiting = [submit(capability="gpu" if i % 10 == 0 else "") for i in range(60)]
+    # When a pass runs, every task gets its reason, in a number of queries that does
+    # not grow with the queue (one UPDATE per distinct reason)
+    with django_assert_max_num_queries(12):
+        assert task_services.task_dispatch_pending() == []
+    reasons = {task.task_id: reload(task).waiting_reason for task in waiting}
+    for i, task in enumerate(waiting):
+        expected = (
+            "no connected node has capability 'gpu'"
+            if i % 10 == 0
+            else "node 'n1' is at its limit of 1 task(s)"
+        )
+        assert reasons[task.task_id] == expected
+    # And a new task joining the full queue is explained by the next pass too
+    late = submit()
+    with django_assert_max_num_queries(12):
+        task_services.task_dispatch_pending()
+    assert reload(late).waiting_reason == "node 'n1' is at its limit of 1 task(s)"
+
+
+def test_a_freed_slot_goes_to_the_oldest_task_of_a_long_queue():
+    make_node("n1", max_concurrent_tasks=1)
+    running = submit()
+    task_queue.claim_task(running.task_id, "n1")
+    waiting = [submit() for _ in range(5)]
+    task_services.task_dispatch_pending()
+    Task.objects.filter(pk=running.pk).update(status="succeeded")
+    [(_, _, frame)] = frames(task_services.task_dispatch_pending())
+    assert frame["data"]["taskId"] == waiting[0].task_id
+    assert [reload(t).status for t in waiting] == ["assigned"] + ["queued"] * 4
+    assert reload(waiting[1]).waiting_reason == "node 'n1' is at its limit of 1 task(s)"
+
+
+def test_a_pass_reads_past_the_first_page_of_a_queue_nobody_can_run():
+    # Given 70 older tasks no node can run (a page is 50) before one that n1 can
+    make_node("n1", max_concurrent_tasks=1)
+    gpu = [submit(capability="gpu", priority=7) for _ in range(70)]
+    runnable = submit(priority=7)
+    # When a pass runs, the runnable task is found and assigned; the rest say why
+    [(_, _, frame)] = frames(task_services.task_dispatch_pending())
+    assert frame["data"]["taskId"] == runnable.task_id
+    assert {reload(t).waiting_reason for t in gpu} == {"no connected node has capability 'gpu'"}
+
+
 def test_vcp_nodes_get_execute_tool():
     make_node("vcp-x", protocol="vcp", tools=["Calc"], capabilities=["Calc"])
     task = submit("Calc", tool_args={"e": "1+1"})
