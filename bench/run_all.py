@@ -16,6 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 FULL = [
+    ["bench_floor.py", "--runs", "3", "--n", "500"],
     ["bench_nodes.py", "--nodes", "1000", "5000", "10000", "--runs", "3"],
     ["bench_heartbeats.py", "--nodes", "1000", "--rates", "1000", "--seconds", "10", "--runs", "3"],
     ["bench_tasks.py", "--tasks", "10000", "--nodes", "10", "--runs", "3"],
@@ -24,6 +25,7 @@ FULL = [
     ["bench_servers.py", "--nodes", "1000", "--seconds", "10", "--tasks", "2000", "--runs", "3"],
 ]
 SHORT = [
+    ["bench_floor.py", "--runs", "1", "--n", "50"],
     ["bench_nodes.py", "--nodes", "300", "--runs", "1", "--spread", "1"],
     ["bench_heartbeats.py", "--nodes", "300", "--rates", "300", "--seconds", "3", "--runs", "1"],
     ["bench_tasks.py", "--tasks", "200", "--nodes", "5", "--sequential", "20", "--runs", "1"],

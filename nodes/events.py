@@ -124,8 +124,11 @@ def _deliver(message: dict[str, Any]) -> None:
         on_loop = False
     if on_loop:
         _enqueue(message)
-    else:
+        return
+    try:
         loop.call_soon_threadsafe(_enqueue, message)
+    except RuntimeError:  # the loop closed meanwhile: the process is stopping
+        logger.info("event %s not published: the hub's event loop has stopped", message.get("event"))
 
 
 def publish(event_type: str, data: dict[str, Any]) -> None:

@@ -322,3 +322,12 @@ async def test_a_hung_channel_layer_drops_the_oldest_events_with_a_warning(monke
             break
         await asyncio.sleep(0.01)
     assert sent == ["a", "d", "e", "f"]
+
+
+def test_an_event_published_while_the_hub_loop_stops_is_dropped_without_error(monkeypatch, caplog):
+    stopped = asyncio.new_event_loop()
+    stopped.close()
+    monkeypatch.setattr(events, "_hub_loop", lambda: stopped)
+    caplog.set_level("INFO", logger="nodes.events")
+    events._deliver(events._layer_message("node_unregistered", {"nodeId": "late", "reason": "x"}))
+    assert "event node_unregistered not published: the hub's event loop has stopped" in caplog.text
