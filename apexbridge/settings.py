@@ -58,6 +58,21 @@ def env_list(name: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def env_gc_threshold(name: str) -> tuple[int, ...]:
+    """``"50000,20,100"``: one to three positive integers for ``gc.set_threshold``."""
+    items = env_list(name)
+    try:
+        values = tuple(int(item) for item in items)
+    except ValueError:
+        values = ()
+    if items and (not values or len(values) > 3 or min(values) < 1):
+        raise ImproperlyConfigured(
+            f"{name} must be one to three positive integers separated by commas "
+            f"(gc.set_threshold), got {os.environ.get(name)!r}"
+        )
+    return values
+
+
 DEBUG = env_bool("DJANGO_DEBUG", True)
 _DEV_SECRET_KEY = "django-insecure-apexbridge-development-key-do-not-use-in-production"
 SECRET_KEY = env_str("DJANGO_SECRET_KEY", _DEV_SECRET_KEY)
@@ -302,6 +317,10 @@ APEXBRIDGE_NODE_LOG_CAP = env_int("APEXBRIDGE_NODE_LOG_CAP", 1000)
 # Days to keep LLMRequestLog rows and finished tasks (nodes/retention.py); 0 keeps them forever.
 APEXBRIDGE_LLM_LOG_RETENTION_DAYS = env_int("APEXBRIDGE_LLM_LOG_RETENTION_DAYS", 30)
 APEXBRIDGE_TASK_RETENTION_DAYS = env_int("APEXBRIDGE_TASK_RETENTION_DAYS", 30)
+# Python's garbage-collector thresholds in hub processes ("700,10,10" is Python's own).
+# Collections walk the heap with the GIL held: with Python's thresholds they were most
+# of the heartbeat ack tail (docs/BENCHMARKS.md, session 4).
+APEXBRIDGE_GC_THRESHOLD = env_gc_threshold("APEXBRIDGE_GC_THRESHOLD") or (50000, 20, 100)
 
 APEXBRIDGE_LLM_MODEL = env_str("APEXBRIDGE_LLM_MODEL")
 APEXBRIDGE_LLM_MODELS = env_list("APEXBRIDGE_LLM_MODELS")

@@ -20,6 +20,7 @@ import atexit
 import concurrent.futures
 import contextvars
 import dataclasses
+import gc
 import logging
 import os
 import socket
@@ -273,6 +274,7 @@ class HubRuntime:
         if first:
             atexit.register(self._mark_stopped)
             self._keep_sqlite_wal()
+            self._tune_garbage_collector()
         self._tasks = [
             loop.create_task(self._run_every(settings.APEXBRIDGE_HEARTBEAT_FLUSH_MS, self.flush_heartbeats)),
             loop.create_task(self._run_sweeps(first)),
@@ -298,6 +300,12 @@ class HubRuntime:
                     database_health.failed(exc)  # logged once; the step retries
                     continue
                 logger.exception("background step %s failed; will retry", getattr(step, "__name__", step))
+
+    def _tune_garbage_collector(self) -> None:
+        threshold = tuple(getattr(settings, "APEXBRIDGE_GC_THRESHOLD", ()))
+        if threshold:
+            gc.set_threshold(*threshold)
+            logger.info("hub process %s: gc thresholds %s", self.process_id, gc.get_threshold())
 
     def _keep_sqlite_wal(self) -> None:
         """Hold one idle SQLite connection for the life of the process. With

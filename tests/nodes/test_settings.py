@@ -88,3 +88,28 @@ def test_bad_integer_setting_is_a_clear_error():
     result = manage("check", APEXBRIDGE_MAX_NODES="lots")
     assert result.returncode != 0
     assert "APEXBRIDGE_MAX_NODES" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["many", "0,10,10", "1,2,3,4", "-5"])
+def test_a_bad_gc_threshold_stops_the_hub_with_a_clear_message(value):
+    result = manage("check", APEXBRIDGE_GC_THRESHOLD=value)
+    assert result.returncode != 0
+    assert "APEXBRIDGE_GC_THRESHOLD must be one to three positive integers" in result.stderr
+
+
+def test_a_hub_process_applies_the_configured_gc_threshold(settings):
+    import gc
+
+    from nodes.runtime import HubRuntime
+
+    assert settings.APEXBRIDGE_GC_THRESHOLD == (50000, 20, 100)  # the default
+    before = gc.get_threshold()
+    try:
+        HubRuntime()._tune_garbage_collector()
+        assert gc.get_threshold() == (50000, 20, 100)
+        gc.set_threshold(*before)
+        settings.APEXBRIDGE_GC_THRESHOLD = ()
+        HubRuntime()._tune_garbage_collector()  # empty: Python's own thresholds stay
+        assert gc.get_threshold() == before
+    finally:
+        gc.set_threshold(*before)
