@@ -1,5 +1,5 @@
-"""WebSocket consumers: ``NodeConsumer`` (the node endpoint, PROTOCOL §1–4) and
-``AdminEventsConsumer`` (``/ws/admin/events/``, PROTOCOL §5).
+"""The node WebSocket consumer: ``NodeConsumer`` (the node endpoint, PROTOCOL §1–4).
+The staff event stream is ``nodes.admin_consumers.AdminEventsConsumer``.
 
 Consumers hold no business rules: they parse a frame, call one service through
 ``database_sync_to_async`` and render the reply. Every failure is a
@@ -14,18 +14,15 @@ import time
 import uuid
 from collections import deque
 from typing import Any
-from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer, AsyncWebsocketConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
-from django.http.request import split_domain_port, validate_host
 
 from llmproxy.consumer import LLMProxyConsumerMixin
 from nodes import auth, services
 from nodes.consumer_tasks import TaskConsumerMixin
-from nodes.events import ADMIN_EVENTS_GROUP
 from nodes.models import NodeProtocol, NodeStatus
 from nodes.protocol import (
     PRE_REGISTRATION_TYPES,
@@ -445,59 +442,3 @@ class NodeConsumer(
         if event.get("nodeId") not in (None, self.node_id):
             return  # meant for a node this connection no longer is
         await self.send(text_data=event["frame"])
-
-
-class AdminEventsConsumer(
-    NoDatabaseHopPerMessageMixin, ResilientChannelReceiveMixin, AsyncJsonWebsocketConsumer
-):
-    """Pushes hub events to staff (session cookie or ``?token=``)."""
-
-    async def connect(self) -> None:
-        if not self._origin_allowed() or not await self._is_staff():
-            await self.close()  # before accept: HTTP 403
-            return
-        try:
-            await self.channel_layer.group_add(ADMIN_EVENTS_GROUP, self.channel_name)
-        except Exception as exc:
-            layer_health.failed(exc)
-            await self.close()  # no events can reach this socket: the dashboard retries
-            return
-        await self.accept()
-
-    async def rejoin_channel_groups(self) -> None:
-        # A restarted Redis has forgotten the group (it keeps nothing on disk).
-        await self.channel_layer.group_add(ADMIN_EVENTS_GROUP, self.channel_name)
-
-    def _origin_allowed(self) -> bool:
-        for name, value in self.scope.get("headers", []):
-            if name == b"origin":
-                origin = value.decode("latin-1")
-                host = origin.split("://", 1)[-1]
-                domain, _port = split_domain_port(host)
-                allowed = list(settings.ALLOWED_HOSTS) or ["localhost", "127.0.0.1", "[::1]"]
-                trusted = {o.rstrip("/") for o in settings.CSRF_TRUSTED_ORIGINS}
-                return validate_host(domain, allowed) or origin.rstrip("/") in trusted
-        return True  # not a browser (scripts send no Origin): the token decides
-
-    async def _is_staff(self) -> bool:
-        user = self.scope.get("user")
-        if user is not None and user.is_authenticated and user.is_active and user.is_staff:
-            return True
-        token = parse_qs(self.scope.get("query_string", b"").decode()).get("token", [None])[0]
-        return bool(token) and await database_sync_to_async(_token_is_staff)(token)
-
-    async def disconnect(self, code: int) -> None:
-        try:
-            await self.channel_layer.group_discard(ADMIN_EVENTS_GROUP, self.channel_name)
-        except Exception as exc:  # the group entry expires by itself (group_expiry)
-            layer_health.failed(exc)
-
-    async def hub_event(self, event: dict[str, Any]) -> None:
-        await self.send_json({"type": event["event"], "data": event["data"]})
-
-
-def _token_is_staff(key: str) -> bool:
-    from rest_framework.authtoken.models import Token
-
-    token = Token.objects.select_related("user").filter(key=key).first()
-    return bool(token and token.user.is_active and token.user.is_staff)

@@ -2,7 +2,8 @@
 
 from django.urls import re_path
 
-from nodes.consumers import AdminEventsConsumer, NodeConsumer
+from nodes.admin_consumers import AdminEventsConsumer
+from nodes.consumers import NodeConsumer
 
 NODE_PATH = (
     r"^/?(?P<prefix>abp-distributed-server|distributed-server|vcp-distributed-server)"

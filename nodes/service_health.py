@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 RETRY_FIRST_S = 0.2
 RETRY_MAX_S = 5.0
+# A channel read that swallowed its cancellation is cancelled again this often, this many times.
+RECANCEL_INTERVAL_S = 0.5
+RECANCEL_ATTEMPTS = 20
 
 
 class ServiceHealth:
@@ -117,7 +120,7 @@ class ResilientChannelReceiveMixin:
         delay = RETRY_FIRST_S
         while True:
             try:
-                return await self._raw_channel_receive()
+                return await self._read_channel()
             except Exception as exc:  # CancelledError is not an Exception: closing still works
                 layer_health.failed(exc)
             while True:
@@ -130,3 +133,32 @@ class ResilientChannelReceiveMixin:
                     continue
                 break
             layer_health.recovered()
+
+    async def _read_channel(self) -> dict[str, Any]:
+        """One read, in its own task, that this consumer never waits for once cancelled.
+
+        redis-py can swallow a cancellation that lands while a blocking read (the
+        layer's BZPOPMIN) is being set up or answered (redis/redis-py#2028): the read
+        then carries on, and a consumer closing its socket waited for it until daphne
+        killed the instance 10 s later ("took too long to shut down", seen on about one
+        connection in a hundred against Redis). Here the consumer stops at once; the
+        read is cancelled, and cancelled again until it has ended."""
+        read = asyncio.ensure_future(self._raw_channel_receive())
+        try:
+            return await asyncio.shield(read)
+        except asyncio.CancelledError:
+            cancel_until_done(read)
+            raise
+
+
+def cancel_until_done(task: asyncio.Future, attempts: int = RECANCEL_ATTEMPTS) -> None:
+    """Cancel ``task``; while it is still running, cancel it again every
+    ``RECANCEL_INTERVAL_S`` (``attempts`` times). Its outcome is retrieved, so an
+    error it ends with is not reported as never retrieved."""
+    if task.done():
+        return
+    if attempts == RECANCEL_ATTEMPTS:
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    task.cancel()
+    if attempts > 0:
+        asyncio.get_running_loop().call_later(RECANCEL_INTERVAL_S, cancel_until_done, task, attempts - 1)

@@ -126,12 +126,17 @@ class NodeSocket:
 
     async def close(self) -> None:
         # A consumer still finishing slow disconnect work (an LLM call being cancelled
-        # on a loaded machine) gets longer than the default second; past that the
-        # communicator cancels it, which must not fail the next test's set-up.
-        try:
-            await self.communicator.disconnect(timeout=10)
-        except (asyncio.CancelledError, TimeoutError):
-            pass
+        # on a loaded machine) gets longer than the default second.
+        await close_communicator(self.communicator, timeout=10)
+
+
+async def close_communicator(communicator: WebsocketCommunicator, timeout: float = 1) -> None:
+    """Disconnect a test socket in a fixture's teardown. Past the time-out the
+    communicator cancels the consumer, which must not fail the next test's set-up."""
+    try:
+        await communicator.disconnect(timeout=timeout)
+    except (asyncio.CancelledError, TimeoutError):
+        pass
 
 
 async def open_node_socket(

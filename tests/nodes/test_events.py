@@ -19,6 +19,7 @@ from rest_framework.authtoken.models import Token
 
 from nodes import events, services
 from nodes.auth import node_key_create
+from tests.conftest import close_communicator
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -72,7 +73,7 @@ async def admin_events():
 
     yield open_socket
     for communicator in opened:
-        await communicator.disconnect()
+        await close_communicator(communicator)
 
 
 @pytest.fixture
@@ -263,6 +264,14 @@ async def test_events_reach_every_listener(admin_events, node_socket):
 
 
 # --- in a hub process: events leave through one sender task on the hub's loop ---------------
+async def _until_sent(sent: list[str], count: int, timeout: float = 1.0) -> None:
+    """Give the sender task up to ``timeout`` seconds to hand ``count`` events to the layer."""
+    for _ in range(int(timeout / 0.01)):
+        if len(sent) >= count:
+            return
+        await asyncio.sleep(0.01)
+
+
 async def test_in_a_hub_process_the_publishing_thread_does_not_wait_and_order_is_kept(monkeypatch):
     loop = asyncio.get_running_loop()
     monkeypatch.setattr(events, "_hub_loop", lambda: loop)
@@ -285,10 +294,7 @@ async def test_in_a_hub_process_the_publishing_thread_does_not_wait_and_order_is
     await events.apublish("llm_proxy_completed", {"nodeId": "d", "requestId": "r", "model": "m"})
     assert sent == []
     layer_may_answer.set()
-    for _ in range(100):
-        if len(sent) == 4:
-            break
-        await asyncio.sleep(0.01)
+    await _until_sent(sent, 4)
     assert sent == ["a", "b", "c", "d"]
 
 
@@ -317,10 +323,7 @@ async def test_a_hung_channel_layer_drops_the_oldest_events_with_a_warning(monke
     assert [m["data"]["nodeId"] for m in events._pending] == ["d", "e", "f"]  # b and c dropped
     assert "channel layer too slow for hub events: 1 event(s) dropped so far" in caplog.text
     hung.set()
-    for _ in range(100):
-        if len(sent) == 4:
-            break
-        await asyncio.sleep(0.01)
+    await _until_sent(sent, 4)
     assert sent == ["a", "d", "e", "f"]
 
 

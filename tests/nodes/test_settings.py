@@ -97,6 +97,17 @@ def test_a_bad_gc_threshold_stops_the_hub_with_a_clear_message(value):
     assert "APEXBRIDGE_GC_THRESHOLD must be one to three positive integers" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1000, 5 ,5", (1000, 5, 5)), (" 20000 ", (20000,)), ("700,10,10", (700, 10, 10))],
+)
+def test_a_gc_threshold_may_have_spaces_and_fewer_values(monkeypatch, value, expected):
+    from apexbridge.settings import env_gc_threshold
+
+    monkeypatch.setenv("APEXBRIDGE_GC_THRESHOLD", value)
+    assert env_gc_threshold("APEXBRIDGE_GC_THRESHOLD") == expected
+
+
 def test_a_hub_process_applies_the_configured_gc_threshold(settings):
     import gc
 
