@@ -1,9 +1,9 @@
-"""The same hub under three ASGI servers: daphne (the default), uvicorn and granian,
+"""The same hub under three ASGI servers: daphne, uvicorn (the default) and granian,
 on the heartbeat and task benchmarks (one process, SQLite, in-memory layer).
 
     .venv/bin/python bench/bench_servers.py --nodes 1000 --seconds 10 --tasks 2000 --runs 3
 
-uvicorn and granian come from requirements-bench.txt (``make bench`` installs it).
+granian comes from requirements-bench.txt (``make bench`` installs it).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 information, statistics and table printing.
 
 Hubs are the end-to-end harness's ``HubServer`` (tests/e2e/harness.py): a real
-``daphne`` process on a free loopback port with its own database. The load runs in
+hub process (uvicorn unless ``APEXBRIDGE_TEST_SERVER`` says otherwise) on a free loopback port with its own database. The load runs in
 another process (``bench/loadgen.py``, asyncio + ``websockets``), so the hub's
 event loop never shares a core with the client that measures it. Where the
 machine has at least two cores the hub is pinned to core 0 and the load to core 1.
@@ -192,7 +192,7 @@ class Bench:
         self.workdir = Path(tempfile.mkdtemp(prefix="apexbridge-bench-"))
         self.databases = Databases(self.workdir)
         self.hubs: list[HubServer] = []
-        self.server = SERVER  # APEXBRIDGE_TEST_SERVER, default daphne
+        self.server = SERVER  # APEXBRIDGE_TEST_SERVER, default uvicorn
 
     def hub(
         self,

@@ -5,7 +5,7 @@ sampled for leaks and growth. Not part of CI.
 
 What runs:
 
-- one hub (daphne, ``DJANGO_DEBUG=0``; SQLite, or PostgreSQL + Redis with
+- one hub (uvicorn, ``DJANGO_DEBUG=0``; SQLite, or PostgreSQL + Redis with
   ``--backend services``) with an LLM model pointed at a loopback
   OpenAI-compatible upstream (``bench/llm_upstream.py``). The heartbeat interval is
   shortened to ``--heartbeat-ms`` (default 5 s, timeout 3×) so the heartbeat load is

@@ -1,4 +1,4 @@
-"""Browser fixtures: a headless Chromium driven by Selenium, against a real daphne hub
+"""Browser fixtures: a headless Chromium driven by Selenium, against a real hub process
 (the e2e harness). Skipped without Chromium unless APEXBRIDGE_REQUIRE_SERVICES=1."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The live dashboard in a real headless Chromium against a real daphne hub: a node
+"""The live dashboard in a real headless Chromium against a real hub process: a node
 that connects appears, and turns offline when it disconnects, without a reload."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Real hub processes for end-to-end tests.
 
-``HubServer`` runs ``daphne apexbridge.asgi:application`` on a free loopback port
+``HubServer`` runs ``apexbridge.asgi:application`` under uvicorn (or ``APEXBRIDGE_TEST_SERVER``) on a free loopback port
 against its own database (a copy of a migrated SQLite template, or a PostgreSQL
 database cloned from a migrated template) and optionally Redis. Tests talk to it
 over real sockets: ``websockets`` for nodes, ``urllib`` for the API.
@@ -147,9 +147,10 @@ def redis_url_for_test() -> str:
 
 
 # --- hub processes -----------------------------------------------------------------------
-# The ASGI server that runs the hub: daphne (the default, and what the docs deploy),
-# or uvicorn / granian for the server comparison of bench/ (requirements-bench.txt).
-SERVER = os.environ.get("APEXBRIDGE_TEST_SERVER", "daphne")
+# The ASGI server that runs the hub: uvicorn (the default, and what `make run` and the
+# docs deploy; docs/DEPLOYMENT.md says why), or daphne / granian for the server
+# comparison of bench/ (granian: requirements-bench.txt).
+SERVER = os.environ.get("APEXBRIDGE_TEST_SERVER", "uvicorn")
 
 
 def server_command(server: str, port: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""The node client against a real hub: daphne plus ``manage.py runnode`` processes.
+"""The node client against a real hub: a hub process plus ``manage.py runnode`` processes.
 
 Each test starts its own hub (fresh database) and node processes on loopback, and stops
 them all at the end."""

@@ -1,4 +1,4 @@
-"""Node liveness against a real hub process (daphne), on SQLite and on
+"""Node liveness against a real hub process, on SQLite and on
 PostgreSQL + Redis: heartbeats, time-out, reconnect, takeover, refused keys.
 
 The hub runs with FAST_ENV: heartbeat timeout 3 s, sweep 0.5 s, flush 0.3 s.

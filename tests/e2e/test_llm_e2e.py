@@ -1,4 +1,4 @@
-"""A node calls a model through a real hub process: node client -> daphne -> litellm ->
+"""A node calls a model through a real hub process: node client -> hub process -> litellm ->
 the loopback OpenAI-compatible server, over real sockets and HTTP."""
 
 import asyncio
