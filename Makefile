@@ -21,7 +21,7 @@ migrate: install
 
 run: migrate
 	$(PY) manage.py hub_setup --host $(HOST) --port $(PORT)
-	$(PY) -m uvicorn --host $(HOST) --port $(PORT) --lifespan off --ws websockets --ws-max-size 16777216 \
+	$(PY) -m uvicorn --host $(HOST) --port $(PORT) --lifespan off --ws websockets-sansio --ws-max-size 16777216 \
 		--ws-ping-interval 20 --ws-ping-timeout 30 apexbridge.asgi:application
 
 # Debian's chromium + chromium-driver for the browser tests (root only; skipped otherwise).

@@ -167,7 +167,7 @@ def server_command(server: str, port: int) -> list[str]:
             "--lifespan",
             "off",
             "--ws",
-            "websockets",
+            "websockets-sansio",
             "--ws-max-size",
             str(16 * 2**20),
             "--no-access-log",
