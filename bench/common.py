@@ -1,11 +1,12 @@
 """Shared code of the benchmarks: hub processes, the load-generator process, machine
 information, statistics and table printing.
 
-Hubs are the end-to-end harness's ``HubServer`` (tests/e2e/harness.py): a real
-hub process (uvicorn unless ``APEXBRIDGE_TEST_SERVER`` says otherwise) on a free loopback port with its own database. The load runs in
-another process (``bench/loadgen.py``, asyncio + ``websockets``), so the hub's
-event loop never shares a core with the client that measures it. Where the
-machine has at least two cores the hub is pinned to core 0 and the load to core 1.
+Hubs are the end-to-end harness's ``HubServer`` (tests/e2e/harness.py): a real hub
+process (uvicorn unless ``APEXBRIDGE_TEST_SERVER`` says otherwise) on a free loopback
+port with its own database. The load runs in another process (``bench/loadgen.py``,
+asyncio + ``websockets``), so the hub's event loop never shares a core with the client
+that measures it. Where the machine has at least two cores the hub is pinned to core 0
+and the load to core 1.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Fixtures that start real hub processes.
 
-- ``hub``: one hub process (uvicorn; ``APEXBRIDGE_TEST_SERVER`` picks another) on the embedded defaults (SQLite, in-memory layer).
+- ``hub``: one hub process (uvicorn; ``APEXBRIDGE_TEST_SERVER`` picks another) on the
+  embedded defaults (SQLite, in-memory layer).
 - ``services_hub``: one hub process on PostgreSQL + Redis (skipped without them,
   a failure under APEXBRIDGE_REQUIRE_SERVICES=1).
 - ``hub_any``: the same test on both backends.

@@ -1,9 +1,10 @@
 """Real hub processes for end-to-end tests.
 
-``HubServer`` runs ``apexbridge.asgi:application`` under uvicorn (or ``APEXBRIDGE_TEST_SERVER``) on a free loopback port
-against its own database (a copy of a migrated SQLite template, or a PostgreSQL
-database cloned from a migrated template) and optionally Redis. Tests talk to it
-over real sockets: ``websockets`` for nodes, ``urllib`` for the API.
+``HubServer`` runs ``apexbridge.asgi:application`` under uvicorn (or the server
+``APEXBRIDGE_TEST_SERVER`` names) on a free loopback port against its own database (a
+copy of a migrated SQLite template, or a PostgreSQL database cloned from a migrated
+template) and optionally Redis. Tests talk to it over real sockets: ``websockets`` for
+nodes, ``urllib`` for the API.
 """
 
 from __future__ import annotations
