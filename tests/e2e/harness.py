@@ -171,6 +171,10 @@ def server_command(server: str, port: int) -> list[str]:
             "websockets-sansio",
             "--ws-max-size",
             str(16 * 2**20),
+            "--ws-ping-interval",  # as make run and docs/DEPLOYMENT.md (PROTOCOL §1.2)
+            "20",
+            "--ws-ping-timeout",
+            "30",
             "--no-access-log",
             app,
         ],
