@@ -139,26 +139,26 @@ class ResilientChannelReceiveMixin:
 
         redis-py can swallow a cancellation that lands while a blocking read (the
         layer's BZPOPMIN) is being set up or answered (redis/redis-py#2028): the read
-        then carries on, and a consumer closing its socket waited for it until daphne
-        killed the instance 10 s later ("took too long to shut down", seen on about one
-        connection in a hundred against Redis). Here the consumer stops at once; the
-        read is cancelled, and cancelled again until it has ended."""
+        then carries on, and a consumer closing its socket waited for it until the ASGI
+        server killed the instance 10 s later ("took too long to shut down", seen on
+        about one connection in a hundred against Redis). Here the consumer stops at
+        once; the read is cancelled, and cancelled again until it has ended. What it
+        ends with is dropped: the socket is closing, and an assignment it carried is
+        released with the connection (``task_release_node_attempts``)."""
         read = asyncio.ensure_future(self._raw_channel_receive())
         try:
             return await asyncio.shield(read)
         except asyncio.CancelledError:
+            read.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, not logged
             cancel_until_done(read)
             raise
 
 
 def cancel_until_done(task: asyncio.Future, attempts: int = RECANCEL_ATTEMPTS) -> None:
     """Cancel ``task``; while it is still running, cancel it again every
-    ``RECANCEL_INTERVAL_S`` (``attempts`` times). Its outcome is retrieved, so an
-    error it ends with is not reported as never retrieved."""
+    ``RECANCEL_INTERVAL_S``, at most ``attempts`` more times."""
     if task.done():
         return
-    if attempts == RECANCEL_ATTEMPTS:
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
     task.cancel()
     if attempts > 0:
         asyncio.get_running_loop().call_later(RECANCEL_INTERVAL_S, cancel_until_done, task, attempts - 1)
