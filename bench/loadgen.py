@@ -224,6 +224,9 @@ async def mode_nodes(args) -> dict[str, Any]:
     latencies = [x for n in live for x in n.heartbeat_latencies]
     result["heartbeat"] = latency_summary(latencies)
     result["heartbeat_errors"] = sum(n.heartbeat_errors for n in live) + (len(live) - len(latencies))
+    # Again, with every row in place (as nodes that come back after a hub restart).
+    again = await register_storm(live)
+    result["restorm_s"], result["reregister_errors"] = again["storm_s"], again["register_errors"]
     result["error_frames"] = sum(n.frames.get("error", 0) for n in nodes)
     await hold(result, args.hold)
     await asyncio.gather(*(n.close() for n in nodes), return_exceptions=True)

@@ -122,13 +122,21 @@ def node_key_revoke(*, key: NodeKey) -> bool:
     return bool(updated)
 
 
+def authenticate_shared_key(presented: str | None) -> KeyIdentity | None:
+    """The shared key's identity if ``presented`` is it (no database needed), else None."""
+    shared = settings.APEXBRIDGE_VCP_KEY
+    if presented and shared and hmac.compare_digest(presented.encode(), shared.encode()):
+        return KeyIdentity(kind="shared", name="shared")
+    return None
+
+
 def authenticate_key(presented: str | None) -> KeyIdentity | None:
     """Return the identity for a presented key, or None. Never logs the key."""
     if not presented or len(presented) > 512:
         return None
-    shared = settings.APEXBRIDGE_VCP_KEY
-    if shared and hmac.compare_digest(presented.encode(), shared.encode()):
-        return KeyIdentity(kind="shared", name="shared")
+    shared = authenticate_shared_key(presented)
+    if shared is not None:
+        return shared
     parts = presented.split("_", 2)
     row = None
     if len(parts) == 3 and parts[0] == KEY_PREFIX:

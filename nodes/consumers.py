@@ -44,6 +44,7 @@ from nodes.protocol import (
     parse_envelope,
     validate,
 )
+from nodes.registrations import registrations
 from nodes.runtime import runtime
 from nodes.service_health import (
     ResilientChannelReceiveMixin,
@@ -120,7 +121,11 @@ class NodeConsumer(
         presented = kwargs.get("key") or self._bearer_key()
         client = self.scope.get("client") or ["?", 0]
         try:
-            identity = await database_sync_to_async(auth.authenticate_key)(presented)
+            # The shared key needs no database hop (a reconnect storm's handshakes queue
+            # on the process's one database thread).
+            identity = auth.authenticate_shared_key(presented) or await database_sync_to_async(
+                auth.authenticate_key
+            )(presented)
         except Exception as exc:
             if not is_database_outage(exc):
                 raise
@@ -286,13 +291,10 @@ class NodeConsumer(
         await runtime.dispatch()
 
     async def _register(self, payload: NodeRegisterPayload, protocol: str, manifests) -> None:
-        result = await database_sync_to_async(services.node_register)(
-            payload=payload,
-            connection=self._services_connection(),
-            identity=self.identity,
-            protocol=protocol,
-            tool_manifests=manifests,
+        registration = services.NodeRegistration(
+            payload, self._services_connection(), self.identity, protocol, tool_manifests=manifests
         )
+        result = await registrations.register(registration)
         node = result.node
         self.node_id = node.node_id
         self.node_type = node.type

@@ -7,8 +7,13 @@ tests/e2e/test_faults_e2e.py."""
 from __future__ import annotations
 
 import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
 
-from nodes import services
+from nodes import auth, services
+from nodes.auth import node_key_create
+from nodes.protocol import CloseCode
+from tests.conftest import NodeSocket, close_communicator, wait_closed
 from tests.conftest import database_refused as refused
 
 pytestmark = [
@@ -22,7 +27,7 @@ REGISTER = {"nodeId": "n1", "name": "n1", "type": "worker", "capabilities": []}
 
 async def test_a_registration_without_database_is_refused_as_service_unavailable(node_socket, monkeypatch):
     node = await node_socket()
-    monkeypatch.setattr(services, "node_register", refused)
+    monkeypatch.setattr(services, "node_register_many", refused)
     # When a node registers while the database is down
     reply = await node.request("node_register", REGISTER)
     # Then its own reply says so, and it may try again (not counted as bad input)
@@ -46,8 +51,33 @@ async def test_heartbeats_are_acknowledged_while_the_database_is_down(node_socke
 async def test_many_refusals_do_not_close_the_socket(node_socket, monkeypatch, settings):
     settings.APEXBRIDGE_MAX_PROTOCOL_ERRORS = 3
     node = await node_socket()
-    monkeypatch.setattr(services, "node_register", refused)
+    monkeypatch.setattr(services, "node_register_many", refused)
     for _ in range(6):
         reply = await node.request("node_register", REGISTER)
         assert reply["data"]["error"]["code"] == "service_unavailable"
     assert (await node.request("ping"))["type"] == "pong"
+
+
+async def test_a_node_key_handshake_without_database_is_told_to_try_again_later(monkeypatch):
+    _key, plain = await database_sync_to_async(node_key_create)(name="worker key")
+    monkeypatch.setattr(auth, "authenticate_key", refused)
+    # When a node with its own key connects while the database is down, the key
+    # cannot be checked: the socket is closed with 1013, not refused as a wrong key
+    from apexbridge.asgi import application
+
+    communicator = WebsocketCommunicator(application, f"/abp-distributed-server/ABP_Key={plain}")
+    connected, _ = await communicator.connect()
+    assert connected
+    assert await wait_closed(NodeSocket(communicator)) == CloseCode.TRY_AGAIN_LATER
+    await close_communicator(communicator)
+
+
+async def test_a_shared_key_handshake_needs_no_database(node_socket, monkeypatch):
+    monkeypatch.setattr(auth, "authenticate_key", refused)
+    # The shared key is checked without the database: the node is accepted, and
+    # learns about the outage from its registration's reply (it may retry).
+    node = await node_socket()
+    assert node.ack["type"] == "connection_ack"
+    monkeypatch.setattr(services, "node_register_many", refused)
+    reply = await node.request("node_register", REGISTER)
+    assert reply["data"]["error"]["code"] == "service_unavailable"

@@ -1,0 +1,192 @@
+"""Registrations coalesced into shared transactions (nodes/registrations.py and
+``services.node_register_many``): a storm of ``node_register`` is written in batches,
+and every node still gets its own answer, refusal or error."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from django.db import IntegrityError, OperationalError
+
+from nodes import services
+from nodes.auth import KeyIdentity
+from nodes.models import Node, NodeLog
+from nodes.protocol import NodeRegisterPayload, ProtocolError
+from nodes.registrations import RegistrationBatcher
+
+SHARED = KeyIdentity(kind="shared", name="shared")
+
+
+def registration(node_id: str | None, n: int = 1, identity: KeyIdentity = SHARED, **fields):
+    data = {"nodeId": node_id, "name": fields.pop("name", node_id or "anon"), "capabilities": []}
+    data.update(fields)
+    payload = NodeRegisterPayload.model_validate({k: v for k, v in data.items() if v is not None})
+    connection = services.Connection(connection_id=f"c-{n}", channel_name=f"chan-{n}", process_id="hub-test")
+    return services.NodeRegistration(payload, connection, identity)
+
+
+# --- the service: one transaction, one outcome per registration -----------------------------
+@pytest.mark.django_db
+def test_one_batch_registers_new_and_known_nodes_and_refuses_only_the_bad_one(
+    settings, django_capture_on_commit_callbacks
+):
+    settings.APEXBRIDGE_MAX_NODES = 3
+    earlier = registration("known")
+    services.node_register(payload=earlier.payload, connection=earlier.connection, identity=SHARED)
+    Node.objects.filter(pk="known").update(completed_tasks=7, draining=True)
+    bound = KeyIdentity(kind="node", key_id=None, name="k", node_id="only-me")
+    batch = [
+        registration("new-1", 2, capabilities=["echo"]),
+        registration("known", 3, name="Known again"),
+        registration("someone-else", 4, identity=bound),  # the key may not
+        registration("new-2", 5),
+        registration("new-3", 6),  # a fourth node: over APEXBRIDGE_MAX_NODES
+    ]
+    with django_capture_on_commit_callbacks() as published:
+        outcomes = services.node_register_many(registrations=batch)
+
+    assert [type(o).__name__ for o in outcomes] == [
+        "RegistrationResult",
+        "RegistrationResult",
+        "ProtocolError",
+        "RegistrationResult",
+        "ProtocolError",
+    ]
+    assert outcomes[0].created and not outcomes[1].created
+    assert outcomes[1].replaced_channel_name == "chan-1"  # the older socket gets 4000
+    assert (outcomes[2].code, outcomes[4].code) == ("forbidden", "node_limit_reached")
+    assert set(Node.objects.values_list("pk", flat=True)) == {"known", "new-1", "new-2"}
+    known = Node.objects.get(pk="known")
+    # A re-registration keeps hub-kept statistics and the admin's draining flag.
+    assert (known.name, known.connection_id, known.completed_tasks, known.draining) == (
+        "Known again",
+        "c-3",
+        7,
+        True,
+    )
+    assert Node.objects.get(pk="new-1").capabilities == ["echo"]
+    assert NodeLog.objects.filter(event="node_registered").count() == 4  # 1 earlier + 3
+    # node_registered for each of the 3; node_status_changed only for the 2 new ones.
+    assert len(published) == 5
+
+
+@pytest.mark.django_db
+def test_a_batch_names_each_node_id_once():
+    with pytest.raises(ValueError):
+        services.node_register_many(registrations=[registration("twice", 1), registration("twice", 2)])
+    assert not Node.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_registration_without_a_node_id_gets_the_keys_or_a_new_one():
+    bound = KeyIdentity(kind="node", key_id=None, name="k", node_id="from-key")
+    outcomes = services.node_register_many(
+        registrations=[registration(None, 1, identity=bound), registration(None, 2)]
+    )
+    assert outcomes[0].node.node_id == "from-key"
+    assert outcomes[1].node.node_id.startswith("node-")
+
+
+# --- the batcher: a storm in few database hops --------------------------------------------
+@pytest.mark.django_db(transaction=True)
+async def test_a_storm_is_written_in_batches_and_every_node_is_answered(monkeypatch):
+    calls: list[int] = []
+    real = services.node_register_many
+
+    def counted(*, registrations):
+        calls.append(len(registrations))
+        return real(registrations=registrations)
+
+    monkeypatch.setattr(services, "node_register_many", counted)
+    batcher = RegistrationBatcher(max_batch=10)
+    results = await asyncio.gather(*(batcher.register(registration(f"s-{i}", i)) for i in range(25)))
+
+    assert [r.node.node_id for r in results] == [f"s-{i}" for i in range(25)]
+    assert calls == [10, 10, 5]  # the first batch starts at once; the rest waited for it
+    assert await Node.objects.filter(connection_id__startswith="c-").acount() == 25
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_same_node_twice_in_a_storm_ends_on_the_later_connection():
+    batcher = RegistrationBatcher()
+    first, second = await asyncio.gather(
+        batcher.register(registration("dup", 1)), batcher.register(registration("dup", 2))
+    )
+    assert first.created and not second.created
+    assert second.replaced_channel_name == "chan-1"  # the first socket is closed with 4000
+    assert (await Node.objects.aget(pk="dup")).connection_id == "c-2"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_refusal_reaches_only_its_own_node():
+    bound = KeyIdentity(kind="node", key_id=None, name="k", node_id="only-me")
+    batcher = RegistrationBatcher()
+    outcomes = await asyncio.gather(
+        batcher.register(registration("ok-1", 1)),
+        batcher.register(registration("not-me", 2, identity=bound)),
+        batcher.register(registration("ok-2", 3)),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], ProtocolError) and outcomes[1].code == "forbidden"
+    assert [o.node.node_id for o in (outcomes[0], outcomes[2])] == ["ok-1", "ok-2"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_failed_batch_is_written_one_by_one_so_only_the_bad_one_fails(monkeypatch, caplog):
+    real = services.node_register_many
+
+    def collides(*, registrations):
+        if any(r.node_id == "racy" for r in registrations):  # another process inserted it
+            raise IntegrityError("UNIQUE constraint failed: nodes_node.node_id")
+        return real(registrations=registrations)
+
+    monkeypatch.setattr(services, "node_register_many", collides)
+    batcher = RegistrationBatcher()
+    outcomes = await asyncio.gather(
+        *(batcher.register(registration(node_id, n)) for n, node_id in enumerate(["a", "racy", "b"])),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], IntegrityError)
+    assert [outcomes[0].node.node_id, outcomes[2].node.node_id] == ["a", "b"]
+    assert sorted([pk async for pk in Node.objects.values_list("pk", flat=True)]) == ["a", "b"]
+    assert "a batch of 3 registrations failed" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_without_the_database_every_node_in_the_batch_hears_it_once(monkeypatch):
+    calls: list[int] = []
+
+    def refused(*, registrations):
+        calls.append(len(registrations))
+        raise OperationalError("could not connect to server")
+
+    monkeypatch.setattr(services, "node_register_many", refused)
+    batcher = RegistrationBatcher()
+    outcomes = await asyncio.gather(
+        *(batcher.register(registration(f"o-{i}", i)) for i in range(4)), return_exceptions=True
+    )
+    assert all(isinstance(o, OperationalError) for o in outcomes)
+    assert calls == [4]  # one attempt for the batch: no one-by-one retry of an outage
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_registration_whose_connection_went_away_before_its_batch_is_not_written(monkeypatch):
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def first_batch_waits(registrations):
+        started.set()
+        await release.wait()
+        return await RegistrationBatcher._write(batcher, registrations)
+
+    batcher = RegistrationBatcher()
+    monkeypatch.setattr(batcher, "_write", first_batch_waits)
+    first = asyncio.create_task(batcher.register(registration("first", 1)))
+    await started.wait()
+    gone = asyncio.create_task(batcher.register(registration("gone", 2)))
+    await asyncio.sleep(0)
+    gone.cancel()
+    release.set()
+    assert (await first).node.node_id == "first"
+    await asyncio.sleep(0.05)
+    assert await Node.objects.filter(pk="gone").aexists() is False
