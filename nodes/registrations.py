@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 
 from channels.db import database_sync_to_async
 
@@ -35,7 +36,7 @@ class RegistrationBatcher:
     def __init__(self, max_batch: int = MAX_BATCH) -> None:
         self.max_batch = max_batch
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: list[tuple[services.NodeRegistration, asyncio.Future]] = []
+        self._pending: deque[tuple[services.NodeRegistration, asyncio.Future]] = deque()
         self._writer: asyncio.Task | None = None
 
     async def register(self, registration: services.NodeRegistration) -> services.RegistrationResult:
@@ -43,7 +44,7 @@ class RegistrationBatcher:
         or the error that failed it (a database outage)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # first call, or a new event loop (tests)
-            self._loop, self._pending, self._writer = loop, [], None
+            self._loop, self._pending, self._writer = loop, deque(), None
         future = loop.create_future()
         self._pending.append((registration, future))
         if self._writer is None or self._writer.done():
@@ -80,17 +81,18 @@ class RegistrationBatcher:
         first). A registration whose connection went away before its batch is dropped
         unwritten."""
         batch: list[tuple[services.NodeRegistration, asyncio.Future]] = []
-        later: list[tuple[services.NodeRegistration, asyncio.Future]] = []
+        repeats: list[tuple[services.NodeRegistration, asyncio.Future]] = []
         node_ids: set[str] = set()
-        for registration, future in self._pending:
+        while self._pending and len(batch) < self.max_batch:
+            registration, future = item = self._pending.popleft()
             if future.cancelled():
                 continue
-            if len(batch) < self.max_batch and registration.node_id not in node_ids:
-                node_ids.add(registration.node_id)
-                batch.append((registration, future))
+            if registration.node_id in node_ids:
+                repeats.append(item)
             else:
-                later.append((registration, future))
-        self._pending = later
+                node_ids.add(registration.node_id)
+                batch.append(item)
+        self._pending.extendleft(reversed(repeats))  # still first in line, in order
         return batch
 
     async def _write(self, registrations: list[services.NodeRegistration]) -> list[Outcome]:

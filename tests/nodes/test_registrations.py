@@ -108,14 +108,15 @@ async def test_a_storm_is_written_in_batches_and_every_node_is_answered(monkeypa
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_the_same_node_twice_in_a_storm_ends_on_the_later_connection():
+async def test_the_same_node_repeated_in_a_storm_ends_on_its_latest_connection():
     batcher = RegistrationBatcher()
-    first, second = await asyncio.gather(
-        batcher.register(registration("dup", 1)), batcher.register(registration("dup", 2))
+    first, second, third = await asyncio.gather(
+        *(batcher.register(registration("dup", n)) for n in (1, 2, 3))
     )
-    assert first.created and not second.created
-    assert second.replaced_channel_name == "chan-1"  # the first socket is closed with 4000
-    assert (await Node.objects.aget(pk="dup")).connection_id == "c-2"
+    assert first.created and not second.created and not third.created
+    # Each later socket takes over from the one before (which is closed with 4000).
+    assert (second.replaced_channel_name, third.replaced_channel_name) == ("chan-1", "chan-2")
+    assert (await Node.objects.aget(pk="dup")).connection_id == "c-3"
 
 
 @pytest.mark.django_db(transaction=True)
