@@ -62,7 +62,7 @@ async def test_a_node_key_handshake_without_database_is_told_to_try_again_later(
     _key, plain = await database_sync_to_async(node_key_create)(name="worker key")
     monkeypatch.setattr(auth, "authenticate_key", refused)
     # When a node with its own key connects while the database is down, the key
-    # cannot be checked: the socket is closed with 1013, not refused as a wrong key
+    # cannot be checked: the socket is closed with 4013, not refused as a wrong key
     from apexbridge.asgi import application
 
     communicator = WebsocketCommunicator(application, f"/abp-distributed-server/ABP_Key={plain}")
