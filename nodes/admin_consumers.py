@@ -12,7 +12,7 @@ from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
 from nodes.consumers import NoDatabaseHopPerMessageMixin
-from nodes.events import ADMIN_EVENTS_GROUP
+from nodes.events import ADMIN_EVENTS_GROUP, unbundle
 from nodes.service_health import ResilientChannelReceiveMixin, layer_health
 
 
@@ -63,6 +63,12 @@ class AdminEventsConsumer(
 
     async def hub_event(self, event: dict[str, Any]) -> None:
         await self.send_json({"type": event["event"], "data": event["data"]})
+
+    async def hub_events(self, bundle: dict[str, Any]) -> None:
+        """Events that left a hub process together (``events.MAX_EVENTS_PER_MESSAGE``):
+        still one frame each, in order."""
+        for event in unbundle(bundle):
+            await self.hub_event(event)
 
 
 def _token_is_staff(key: str) -> bool:

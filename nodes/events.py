@@ -8,7 +8,9 @@ at-most-once: events are notifications for dashboards, never the truth.
 In a hub process (its event loop running) events are handed to one sender task on
 that loop and sent in the order they were published: the thread that published
 does not wait for the channel layer (the database thread, which every node and
-task message needs, used to wait for the loop once per event). Elsewhere (a
+task message needs, used to wait for the loop once per event); events that queued
+up meanwhile leave together in one ``hub.events`` layer message, which the admin
+consumer still sends as one frame per event. Elsewhere (a
 ``manage.py`` command, tests without the background loops) they are sent at once.
 """
 
@@ -70,6 +72,25 @@ _sender: asyncio.Task | None = None
 _dropped = 0
 
 
+# Events that queued up while the sender was busy leave in one layer message of
+# up to this many (a registration storm publishes two per node; on Redis each
+# group_send is several round trips on the event loop).
+MAX_EVENTS_PER_MESSAGE = 100
+
+
+def unbundle(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``hub.event`` messages in a layer message (one, or a ``hub.events`` bundle)."""
+    if message.get("type") == "hub.events":
+        return [{"type": "hub.event", **event} for event in message["events"]]
+    return [message]
+
+
+def _bundle(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(messages) == 1:
+        return messages[0]
+    return {"type": "hub.events", "events": [{"event": m["event"], "data": m["data"]} for m in messages]}
+
+
 async def _group_send(message: dict[str, Any]) -> None:
     layer = get_channel_layer()
     if layer is None:
@@ -78,7 +99,8 @@ async def _group_send(message: dict[str, Any]) -> None:
         await layer.group_send(ADMIN_EVENTS_GROUP, message)
     except Exception as exc:  # a lost event must never break the change that caused it
         layer_health.failed(exc)
-        logger.info("could not publish event %s: %s", message.get("event"), exc)
+        lost = ", ".join(m["event"] for m in unbundle(message))
+        logger.info("could not publish event(s) %s: %s", lost, exc)
     else:
         layer_health.recovered()
 
@@ -104,7 +126,8 @@ def _enqueue(message: dict[str, Any]) -> None:
 
 async def _send_pending() -> None:
     while _pending:
-        await _group_send(_pending.popleft())
+        count = min(len(_pending), MAX_EVENTS_PER_MESSAGE)
+        await _group_send(_bundle([_pending.popleft() for _ in range(count)]))
 
 
 def _hub_loop() -> asyncio.AbstractEventLoop | None:

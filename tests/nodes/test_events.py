@@ -280,7 +280,7 @@ async def test_in_a_hub_process_the_publishing_thread_does_not_wait_and_order_is
 
     async def slow_layer(message):
         await layer_may_answer.wait()  # a channel layer that has not answered yet
-        sent.append(message["data"]["nodeId"])
+        sent.extend(event["data"]["nodeId"] for event in events.unbundle(message))
 
     monkeypatch.setattr(events, "_group_send", slow_layer)
 
@@ -307,7 +307,7 @@ async def test_a_hung_channel_layer_drops_the_oldest_events_with_a_warning(monke
     sent: list[str] = []
 
     async def hung_layer(message):
-        sent.append(message["data"]["nodeId"])
+        sent.extend(event["data"]["nodeId"] for event in events.unbundle(message))
         await hung.wait()
 
     monkeypatch.setattr(events, "_group_send", hung_layer)
@@ -334,3 +334,29 @@ def test_an_event_published_while_the_hub_loop_stops_is_dropped_without_error(mo
     caplog.set_level("INFO", logger="nodes.events")
     events._deliver(events._layer_message("node_unregistered", {"nodeId": "late", "reason": "x"}))
     assert "event node_unregistered not published: the hub's event loop has stopped" in caplog.text
+
+
+async def test_events_that_queue_up_leave_together_and_arrive_one_frame_each_in_order(
+    staff_events, monkeypatch
+):
+    from channels.layers import get_channel_layer
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(events, "_hub_loop", lambda: loop)
+    layer = get_channel_layer()
+    layer_messages: list[int] = []
+    real_group_send = layer.group_send
+
+    async def counted(group, message):
+        layer_messages.append(len(events.unbundle(message)))
+        await real_group_send(group, message)
+
+    monkeypatch.setattr(layer, "group_send", counted)
+    # A burst published on the hub's loop (a registration storm): queued before the
+    # sender task gets to run.
+    for n in range(150):
+        events._deliver(events._layer_message("node_unregistered", {"nodeId": f"burst-{n}", "reason": "x"}))
+    received = [(await staff_events.next("node_unregistered"))["data"] for _ in range(150)]
+    assert [data["nodeId"] for data in received] == [f"burst-{n}" for n in range(150)]
+    assert all(set(data) == {"nodeId", "reason", "timestamp"} for data in received)
+    assert layer_messages == [100, 50]  # two layer messages, not 150
