@@ -10,29 +10,51 @@ The cancellation reaches httpx while it reads, which drops the HTTP connection;
 with litellm 1.110, ``aclose()`` on the stream alone was seen not to. ``aclose()``
 still runs on the way out (``UpstreamStream.__aexit__``) so litellm can tidy up.
 
+litellm is imported on first use, not with this module: the import costs ~3.6 s of
+CPU, which every hub process paid at start-up although many never call a model.
+The async calls import it in a worker thread (``load``), so the first LLM request
+of a process does not stall the event loop; until then a failure cannot be one of
+litellm's, so ``upstream_error`` does not need it either.
+
 settings.py sets ``LITELLM_LOCAL_MODEL_COST_MAP`` / ``LITELLM_OFFLINE_MODE`` before
-anything imports this module: litellm never reaches the network at import.
+litellm is imported: litellm never reaches the network at import.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
-import litellm
 from django.conf import settings
 
 from llmproxy.protocol import LLMErrorCode, Usage
 
 logger = logging.getLogger(__name__)
 
-litellm.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on stdout
-
 _MESSAGE_PREFIX = re.compile(r"^(?:litellm\.)?\w*(?:Error|Exception|Timeout)\s*:\s*")
 _MAX_MESSAGE_CHARS = 2000
+
+
+def _litellm() -> Any:
+    """The litellm module, imported now if no one has yet (sync callers)."""
+    module = sys.modules.get("litellm")
+    if module is None or not hasattr(module, "acompletion"):  # absent, or mid-import
+        module = importlib.import_module("litellm")
+    module.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on stdout
+    return module
+
+
+async def load() -> Any:
+    """litellm, imported in a worker thread the first time (not on the event loop)."""
+    module = sys.modules.get("litellm")
+    if module is not None and hasattr(module, "acompletion"):
+        return module
+    return await asyncio.to_thread(_litellm)
 
 
 class UpstreamError(Exception):
@@ -74,6 +96,7 @@ def _call_kwargs(model: str, messages: list[dict[str, Any]], params: dict[str, A
 
 async def complete(*, model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> Completion:
     """One non-streaming completion."""
+    litellm = await load()
     try:
         response = await litellm.acompletion(**_call_kwargs(model, messages, params))
     except Exception as exc:
@@ -96,6 +119,7 @@ class UpstreamStream:
         self.usage: Usage | None = None
 
     async def __aenter__(self) -> UpstreamStream:
+        litellm = await load()
         try:
             self._response = await litellm.acompletion(**self._kwargs)
         except Exception as exc:
@@ -153,6 +177,7 @@ def _usage(raw: Any) -> Usage | None:
 
 def count_usage(*, model: str, messages: list[dict[str, Any]], completion_text: str) -> Usage:
     """Count tokens locally (litellm's tokenizers) when the upstream did not say."""
+    litellm = _litellm()
     try:
         prompt = litellm.token_counter(model=model, messages=messages)
     except Exception:
@@ -180,6 +205,10 @@ def upstream_error(exc: BaseException) -> UpstreamError:
 
 
 def _code_for(exc: BaseException) -> str:
+    litellm = sys.modules.get("litellm")
+    if litellm is None or not hasattr(litellm, "UnsupportedParamsError"):
+        # Not imported (yet): exc cannot be one of litellm's errors.
+        return _code_by_name(exc)
     if isinstance(exc, (litellm.Timeout, asyncio.TimeoutError, TimeoutError)):
         return LLMErrorCode.UPSTREAM_TIMEOUT
     if isinstance(exc, litellm.ContextWindowExceededError):
@@ -198,6 +227,12 @@ def _code_for(exc: BaseException) -> str:
         ),
     ):
         return LLMErrorCode.UPSTREAM_BAD_REQUEST
+    return _code_by_name(exc)
+
+
+def _code_by_name(exc: BaseException) -> str:
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return LLMErrorCode.UPSTREAM_TIMEOUT
     name = type(exc).__name__.lower()
     if "timeout" in name:  # httpx.ReadTimeout and friends, when litellm did not wrap them
         return LLMErrorCode.UPSTREAM_TIMEOUT

@@ -162,3 +162,33 @@ def test_count_usage_counts_prompt_and_completion_locally():
     assert (
         client.count_usage(model="openai/test-model", messages=[], completion_text="").completion_tokens == 0
     )
+
+
+def test_a_hub_process_starts_without_importing_litellm():
+    # litellm's import costs seconds of CPU; a hub imports it when a node first asks
+    # for a model (in a worker thread), not at start-up.
+    import subprocess
+    import sys
+
+    probe = (
+        "import os, sys\n"
+        "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'apexbridge.settings')\n"
+        "import django\n"
+        "django.setup()\n"
+        "import apexbridge.asgi\n"
+        "from llmproxy import client\n"
+        "assert 'litellm' not in sys.modules, 'imported at start-up'\n"
+        "client.upstream_error(TimeoutError('slow'))\n"
+        "assert 'litellm' not in sys.modules, 'imported to classify an error'\n"
+        "import asyncio\n"
+        "module = asyncio.run(client.load())\n"
+        "assert module is sys.modules['litellm'] and module.suppress_debug_info\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_an_error_before_litellm_is_imported_still_gets_its_code(monkeypatch):
+    monkeypatch.delitem(__import__("sys").modules, "litellm")
+    assert client.upstream_error(TimeoutError("slow")).code == LLMErrorCode.UPSTREAM_TIMEOUT
+    assert client.upstream_error(ConnectionError("refused")).code == LLMErrorCode.UPSTREAM_ERROR
