@@ -62,14 +62,47 @@ async def warm_up(url: str) -> None:
     await node.close()
 
 
-def one_run(bench: Bench, backend: str, nodes: int, spread: float) -> dict:
+# Creates N per-node keys in the hub's database and writes their plain text to a file
+# (argv: N, path); bulk_create, because node_key_create one by one takes minutes.
+_MAKE_KEYS = """
+import secrets, sys
+from nodes.auth import KEY_PREFIX, hash_key
+from nodes.models import NodeKey
+count, path = int(sys.argv[-2]), sys.argv[-1]
+plain = [f"{KEY_PREFIX}_{n:08x}_{secrets.token_urlsafe(32)}" for n in range(count)]
+NodeKey.objects.bulk_create(
+    [NodeKey(name=f"bench-{n}", prefix=f"{n:08x}", key_hash=hash_key(k)) for n, k in enumerate(plain)],
+    batch_size=500,
+)
+open(path, "w").write(chr(10).join(plain))
+"""
+
+
+def make_keys(bench: Bench, hub, nodes: int) -> str:
+    path = bench.workdir / f"keys-{hub.port}.txt"
+    script = bench.workdir / "make_keys.py"
+    script.write_text(_MAKE_KEYS)
+    hub.manage("shell", "-c", f"import sys; sys.argv += ['{nodes}', '{path}']; exec(open('{script}').read())")
+    return str(path)
+
+
+def one_run(bench: Bench, backend: str, nodes: int, spread: float, keys: str) -> dict:
     hub = bench.hub(backend)
     try:
         asyncio.run(warm_up(hub.node_url()))
+        key_args = ["--keys-file", make_keys(bench, hub, nodes)] if keys == "per-node" else []
         before = rss_kib(hub.process.pid)
         peak = PeakRss(hub.process.pid)
         load = LoadgenProcess(
-            "nodes", "--url", hub.node_url(), "--nodes", str(nodes), "--hold", "--spread", str(spread)
+            "nodes",
+            "--url",
+            hub.node_url(),
+            "--nodes",
+            str(nodes),
+            "--hold",
+            "--spread",
+            str(spread),
+            *key_args,
         )
         result = load.wait_ready(timeout=1200)
         after = rss_kib(hub.process.pid)
@@ -91,12 +124,18 @@ def main() -> None:
     parser.add_argument(
         "--spread", type=float, default=5.0, help="seconds over which the heartbeats are spread"
     )
+    parser.add_argument(
+        "--keys",
+        choices=["shared", "per-node"],
+        default="shared",
+        help="the key each node connects with: the shared key, or one per-node key each",
+    )
     args = parser.parse_args()
     bench = Bench()
     rows = []
     try:
         for n in args.nodes:
-            runs = [one_run(bench, args.backend, n, args.spread) for _ in range(args.runs)]
+            runs = [one_run(bench, args.backend, n, args.spread, args.keys) for _ in range(args.runs)]
             per_node = [(r["rss_after_kib"] - r["rss_before_kib"]) / n for r in runs]
             rows.append(
                 [
@@ -122,7 +161,9 @@ def main() -> None:
     finally:
         bench.close()
     print_table(
-        machine_header(f"bench_nodes — nodes per hub process ({args.backend}, {args.runs} runs each)"),
+        machine_header(
+            f"bench_nodes — nodes per hub process ({args.backend}, {args.keys} keys, {args.runs} runs each)"
+        ),
         [
             "nodes",
             "connect s",

@@ -24,6 +24,7 @@ import sys
 import time
 import uuid
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import websockets
@@ -205,7 +206,11 @@ async def hold(result: dict[str, Any], hold_open: bool) -> None:
 
 # --- modes -----------------------------------------------------------------------------
 async def mode_nodes(args) -> dict[str, Any]:
-    nodes = make_nodes(args.url, args.nodes, "bn")
+    urls = args.url
+    if args.keys_file:  # one per-node key each: URL i carries key i
+        keys = Path(args.keys_file).read_text().split()[: args.nodes]
+        urls = [f"{args.url[i % len(args.url)].rsplit('=', 1)[0]}={key}" for i, key in enumerate(keys)]
+    nodes = make_nodes(urls, args.nodes, "bn")
     result: dict[str, Any] = {"nodes": args.nodes}
     result.update(await connect_all(nodes, args.concurrency))
     result.update(await register_storm(nodes))
@@ -510,6 +515,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=200, help="handshakes in flight")
     parser.add_argument("--spread", type=float, default=5.0)
     parser.add_argument("--hold", action="store_true")
+    parser.add_argument("--keys-file", default="", help="nodes mode: one per-node key per line")
     parser.add_argument("--rate", type=float, default=0)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--window", type=int, default=1)

@@ -132,25 +132,39 @@ def authenticate_shared_key(presented: str | None) -> KeyIdentity | None:
 
 def authenticate_key(presented: str | None) -> KeyIdentity | None:
     """Return the identity for a presented key, or None. Never logs the key."""
-    if not presented or len(presented) > 512:
-        return None
-    shared = authenticate_shared_key(presented)
-    if shared is not None:
-        return shared
-    parts = presented.split("_", 2)
-    row = None
-    if len(parts) == 3 and parts[0] == KEY_PREFIX:
-        row = NodeKey.objects.filter(prefix=parts[1]).first()
-    # Compare even when no row matched, so timing does not tell which prefixes exist.
-    stored = row.key_hash if row is not None else _DUMMY_HASH
-    matches = hmac.compare_digest(hash_key(presented), stored)
-    if row is None or not matches or row.revoked_at is not None:
-        return None
-    NodeKey.objects.filter(pk=row.pk).update(last_used_at=timezone.now())
-    return KeyIdentity(
-        kind="node",
-        key_id=row.pk,
-        name=row.name,
-        node_id=row.node_id,
-        capabilities=tuple(row.capabilities or ()),
-    )
+    return authenticate_keys([presented])[0]
+
+
+def authenticate_keys(presented_keys: list[str | None]) -> list[KeyIdentity | None]:
+    """``authenticate_key`` for many handshakes at once (a reconnect storm): one
+    SELECT of the keys' rows and one UPDATE of their ``last_used_at``."""
+    identities: list[KeyIdentity | None] = [None] * len(presented_keys)
+    prefixes: dict[int, str | None] = {}  # index -> the key's prefix, if it has the form
+    for index, presented in enumerate(presented_keys):
+        if not presented or len(presented) > 512:
+            continue
+        identities[index] = authenticate_shared_key(presented)
+        if identities[index] is None:
+            parts = presented.split("_", 2)
+            prefixes[index] = parts[1] if len(parts) == 3 and parts[0] == KEY_PREFIX else None
+    wanted = {prefix for prefix in prefixes.values() if prefix}
+    rows = {row.prefix: row for row in NodeKey.objects.filter(prefix__in=wanted)} if wanted else {}
+    used: list[int] = []
+    for index, prefix in prefixes.items():
+        row = rows.get(prefix) if prefix else None
+        # Compare even when no row matched, so timing does not tell which prefixes exist.
+        stored = row.key_hash if row is not None else _DUMMY_HASH
+        matches = hmac.compare_digest(hash_key(presented_keys[index]), stored)
+        if row is None or not matches or row.revoked_at is not None:
+            continue
+        used.append(row.pk)
+        identities[index] = KeyIdentity(
+            kind="node",
+            key_id=row.pk,
+            name=row.name,
+            node_id=row.node_id,
+            capabilities=tuple(row.capabilities or ()),
+        )
+    if used:
+        NodeKey.objects.filter(pk__in=used).update(last_used_at=timezone.now())
+    return identities

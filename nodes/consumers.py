@@ -22,6 +22,7 @@ from django.conf import settings
 
 from llmproxy.consumer import LLMProxyConsumerMixin
 from nodes import auth, services
+from nodes.batching import key_checks, registrations
 from nodes.consumer_tasks import TaskConsumerMixin
 from nodes.models import NodeProtocol, NodeStatus
 from nodes.protocol import (
@@ -44,7 +45,6 @@ from nodes.protocol import (
     parse_envelope,
     validate,
 )
-from nodes.registrations import registrations
 from nodes.runtime import runtime
 from nodes.service_health import (
     ResilientChannelReceiveMixin,
@@ -121,11 +121,9 @@ class NodeConsumer(
         presented = kwargs.get("key") or self._bearer_key()
         client = self.scope.get("client") or ["?", 0]
         try:
-            # The shared key needs no database hop (a reconnect storm's handshakes queue
-            # on the process's one database thread).
-            identity = auth.authenticate_shared_key(presented) or await database_sync_to_async(
-                auth.authenticate_key
-            )(presented)
+            # The shared key needs no database; per-node keys are checked in batches
+            # (a reconnect storm's handshakes queue on the one database thread).
+            identity = auth.authenticate_shared_key(presented) or await key_checks.submit(presented)
         except Exception as exc:
             if not is_database_outage(exc):
                 raise
@@ -294,7 +292,7 @@ class NodeConsumer(
         registration = services.NodeRegistration(
             payload, self._services_connection(), self.identity, protocol, tool_manifests=manifests
         )
-        result = await registrations.register(registration)
+        result = await registrations.submit(registration)
         node = result.node
         self.node_id = node.node_id
         self.node_type = node.type

@@ -60,7 +60,7 @@ async def test_many_refusals_do_not_close_the_socket(node_socket, monkeypatch, s
 
 async def test_a_node_key_handshake_without_database_is_told_to_try_again_later(monkeypatch):
     _key, plain = await database_sync_to_async(node_key_create)(name="worker key")
-    monkeypatch.setattr(auth, "authenticate_key", refused)
+    monkeypatch.setattr(auth, "authenticate_keys", refused)
     # When a node with its own key connects while the database is down, the key
     # cannot be checked: the socket is closed with 4013, not refused as a wrong key
     from apexbridge.asgi import application
@@ -73,7 +73,7 @@ async def test_a_node_key_handshake_without_database_is_told_to_try_again_later(
 
 
 async def test_a_shared_key_handshake_needs_no_database(node_socket, monkeypatch):
-    monkeypatch.setattr(auth, "authenticate_key", refused)
+    monkeypatch.setattr(auth, "authenticate_keys", refused)
     # The shared key is checked without the database: the node is accepted, and
     # learns about the outage from its registration's reply (it may retry).
     node = await node_socket()

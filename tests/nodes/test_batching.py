@@ -1,6 +1,7 @@
-"""Registrations coalesced into shared transactions (nodes/registrations.py and
-``services.node_register_many``): a storm of ``node_register`` is written in batches,
-and every node still gets its own answer, refusal or error."""
+"""Database work coalesced into batches (nodes/batching.py): a storm of
+``node_register`` (``services.node_register_many``) and of handshake key checks
+(``auth.authenticate_keys``) is handled in batches, and every node still gets its
+own answer, refusal or error."""
 
 from __future__ import annotations
 
@@ -11,11 +12,26 @@ from django.db import IntegrityError, OperationalError
 
 from nodes import services
 from nodes.auth import KeyIdentity
-from nodes.models import Node, NodeLog
+from nodes.batching import DatabaseBatcher, _register_many
+from nodes.models import Node, NodeKey, NodeLog
 from nodes.protocol import NodeRegisterPayload, ProtocolError
-from nodes.registrations import RegistrationBatcher
 
 SHARED = KeyIdentity(kind="shared", name="shared")
+
+
+@pytest.fixture(autouse=True)
+async def _database_thread_closed():
+    """The asserts' async ORM calls leave a connection open on the database thread;
+    PostgreSQL will not drop the test database while one is."""
+    from channels.db import database_sync_to_async
+    from django.db import connections
+
+    yield
+    await database_sync_to_async(connections.close_all)()
+
+
+def registration_batcher(max_batch: int = 100) -> DatabaseBatcher:
+    return DatabaseBatcher(_register_many, what="registrations", max_batch=max_batch, key=lambda r: r.node_id)
 
 
 def registration(node_id: str | None, n: int = 1, identity: KeyIdentity = SHARED, **fields):
@@ -99,8 +115,8 @@ async def test_a_storm_is_written_in_batches_and_every_node_is_answered(monkeypa
         return real(registrations=registrations)
 
     monkeypatch.setattr(services, "node_register_many", counted)
-    batcher = RegistrationBatcher(max_batch=10)
-    results = await asyncio.gather(*(batcher.register(registration(f"s-{i}", i)) for i in range(25)))
+    batcher = registration_batcher(max_batch=10)
+    results = await asyncio.gather(*(batcher.submit(registration(f"s-{i}", i)) for i in range(25)))
 
     assert [r.node.node_id for r in results] == [f"s-{i}" for i in range(25)]
     assert calls == [10, 10, 5]  # the first batch starts at once; the rest waited for it
@@ -109,10 +125,8 @@ async def test_a_storm_is_written_in_batches_and_every_node_is_answered(monkeypa
 
 @pytest.mark.django_db(transaction=True)
 async def test_the_same_node_repeated_in_a_storm_ends_on_its_latest_connection():
-    batcher = RegistrationBatcher()
-    first, second, third = await asyncio.gather(
-        *(batcher.register(registration("dup", n)) for n in (1, 2, 3))
-    )
+    batcher = registration_batcher()
+    first, second, third = await asyncio.gather(*(batcher.submit(registration("dup", n)) for n in (1, 2, 3)))
     assert first.created and not second.created and not third.created
     # Each later socket takes over from the one before (which is closed with 4000).
     assert (second.replaced_channel_name, third.replaced_channel_name) == ("chan-1", "chan-2")
@@ -122,11 +136,11 @@ async def test_the_same_node_repeated_in_a_storm_ends_on_its_latest_connection()
 @pytest.mark.django_db(transaction=True)
 async def test_a_refusal_reaches_only_its_own_node():
     bound = KeyIdentity(kind="node", key_id=None, name="k", node_id="only-me")
-    batcher = RegistrationBatcher()
+    batcher = registration_batcher()
     outcomes = await asyncio.gather(
-        batcher.register(registration("ok-1", 1)),
-        batcher.register(registration("not-me", 2, identity=bound)),
-        batcher.register(registration("ok-2", 3)),
+        batcher.submit(registration("ok-1", 1)),
+        batcher.submit(registration("not-me", 2, identity=bound)),
+        batcher.submit(registration("ok-2", 3)),
         return_exceptions=True,
     )
     assert isinstance(outcomes[1], ProtocolError) and outcomes[1].code == "forbidden"
@@ -143,15 +157,15 @@ async def test_a_failed_batch_is_written_one_by_one_so_only_the_bad_one_fails(mo
         return real(registrations=registrations)
 
     monkeypatch.setattr(services, "node_register_many", collides)
-    batcher = RegistrationBatcher()
+    batcher = registration_batcher()
     outcomes = await asyncio.gather(
-        *(batcher.register(registration(node_id, n)) for n, node_id in enumerate(["a", "racy", "b"])),
+        *(batcher.submit(registration(node_id, n)) for n, node_id in enumerate(["a", "racy", "b"])),
         return_exceptions=True,
     )
     assert isinstance(outcomes[1], IntegrityError)
     assert [outcomes[0].node.node_id, outcomes[2].node.node_id] == ["a", "b"]
     assert sorted([pk async for pk in Node.objects.values_list("pk", flat=True)]) == ["a", "b"]
-    assert "a batch of 3 registrations failed" in caplog.text
+    assert "a batch of 3 registrations failed (IntegrityError" in caplog.text
 
 
 @pytest.mark.django_db(transaction=True)
@@ -163,9 +177,9 @@ async def test_without_the_database_every_node_in_the_batch_hears_it_once(monkey
         raise OperationalError("could not connect to server")
 
     monkeypatch.setattr(services, "node_register_many", refused)
-    batcher = RegistrationBatcher()
+    batcher = registration_batcher()
     outcomes = await asyncio.gather(
-        *(batcher.register(registration(f"o-{i}", i)) for i in range(4)), return_exceptions=True
+        *(batcher.submit(registration(f"o-{i}", i)) for i in range(4)), return_exceptions=True
     )
     assert all(isinstance(o, OperationalError) for o in outcomes)
     assert calls == [4]  # one attempt for the batch: no one-by-one retry of an outage
@@ -178,16 +192,72 @@ async def test_a_registration_whose_connection_went_away_before_its_batch_is_not
     async def first_batch_waits(registrations):
         started.set()
         await release.wait()
-        return await RegistrationBatcher._write(batcher, registrations)
+        return await DatabaseBatcher._handle(batcher, registrations)
 
-    batcher = RegistrationBatcher()
-    monkeypatch.setattr(batcher, "_write", first_batch_waits)
-    first = asyncio.create_task(batcher.register(registration("first", 1)))
+    batcher = registration_batcher()
+    monkeypatch.setattr(batcher, "_handle", first_batch_waits)
+    first = asyncio.create_task(batcher.submit(registration("first", 1)))
     await started.wait()
-    gone = asyncio.create_task(batcher.register(registration("gone", 2)))
+    gone = asyncio.create_task(batcher.submit(registration("gone", 2)))
     await asyncio.sleep(0)
     gone.cancel()
     release.set()
     assert (await first).node.node_id == "first"
     await asyncio.sleep(0.05)
     assert await Node.objects.filter(pk="gone").aexists() is False
+
+
+# --- handshake key checks ------------------------------------------------------------------
+@pytest.mark.django_db
+def test_many_keys_are_checked_with_one_select_and_one_update(settings, django_assert_num_queries):
+    from nodes.auth import authenticate_keys, node_key_create, node_key_revoke
+
+    settings.APEXBRIDGE_VCP_KEY = "the-shared-key"
+    good, good_plain = node_key_create(name="good", node_id="bound-1")
+    other, other_plain = node_key_create(name="other")
+    revoked, revoked_plain = node_key_create(name="revoked")
+    node_key_revoke(key=revoked)
+    presented = [
+        good_plain,
+        revoked_plain,
+        other_plain[:-1] + ("x" if other_plain[-1] != "x" else "y"),  # right prefix, wrong secret
+        "the-shared-key",
+        "not-a-key",
+        None,
+        "abk_" + "f" * 600,  # too long
+        other_plain,
+    ]
+    with django_assert_num_queries(2):
+        identities = authenticate_keys(presented)
+    assert [i.name if i else None for i in identities] == [
+        "good", None, None, "shared", None, None, None, "other"
+    ]  # fmt: skip
+    assert identities[0].node_id == "bound-1"
+    used = dict(NodeKey.objects.values_list("name", "last_used_at"))
+    assert used["good"] and used["other"] and used["revoked"] is None
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_handshake_storm_with_per_node_keys_checks_them_in_batches(monkeypatch):
+    from channels.db import database_sync_to_async
+
+    from nodes import auth
+    from nodes.auth import node_key_create
+    from tests.conftest import close_communicator, open_node_socket
+
+    keys = [(await database_sync_to_async(node_key_create)(name=f"k{n}"))[1] for n in range(20)]
+    calls: list[int] = []
+    real = auth.authenticate_keys
+
+    def counted(presented):
+        calls.append(len(presented))
+        return real(presented)
+
+    monkeypatch.setattr(auth, "authenticate_keys", counted)
+    opened = await asyncio.gather(*(open_node_socket(f"/abp-distributed-server/ABP_Key={k}") for k in keys))
+    try:
+        assert all(connected for _, connected, _ in opened)
+        assert sum(calls) == 20 and len(calls) < 20  # several handshakes per database hop
+    finally:
+        for node, _, _ in opened:
+            await close_communicator(node.communicator)
