@@ -243,7 +243,7 @@ async def test_a_handshake_storm_with_per_node_keys_checks_them_in_batches(monke
 
     from nodes import auth
     from nodes.auth import node_key_create
-    from tests.conftest import close_communicator, open_node_socket
+    from nodes.batching import _authenticate_many
 
     keys = [(await database_sync_to_async(node_key_create)(name=f"k{n}"))[1] for n in range(20)]
     calls: list[int] = []
@@ -254,10 +254,10 @@ async def test_a_handshake_storm_with_per_node_keys_checks_them_in_batches(monke
         return real(presented)
 
     monkeypatch.setattr(auth, "authenticate_keys", counted)
-    opened = await asyncio.gather(*(open_node_socket(f"/abp-distributed-server/ABP_Key={k}") for k in keys))
-    try:
-        assert all(connected for _, connected, _ in opened)
-        assert sum(calls) == 20 and len(calls) < 20  # several handshakes per database hop
-    finally:
-        for node, _, _ in opened:
-            await close_communicator(node.communicator)
+    batcher = DatabaseBatcher(_authenticate_many, what="key checks", max_batch=8)
+    identities = await asyncio.gather(*(batcher.submit(key) for key in keys + ["abk_00000000_wrong"]))
+
+    assert [identity.name if identity else None for identity in identities] == [
+        f"k{n}" for n in range(20)
+    ] + [None]
+    assert calls == [8, 8, 5]  # 21 handshakes, three database hops
