@@ -261,3 +261,25 @@ async def test_a_handshake_storm_with_per_node_keys_checks_them_in_batches(monke
         f"k{n}" for n in range(20)
     ] + [None]
     assert calls == [8, 8, 5]  # 21 handshakes, three database hops
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_concurrent_handshakes_leave_no_database_connection_open():
+    # CONN_MAX_AGE = 0: a batch's connection is closed when its hop ends. Channels
+    # closes connections outside the context the hop runs in, which missed the one a
+    # batch opened when a consumer had started the batch (PostgreSQL kept an idle
+    # session, and the test database could not be dropped).
+    from channels.db import database_sync_to_async
+    from django.db import connection
+
+    from nodes.auth import node_key_create
+    from tests.conftest import close_communicator, open_node_socket
+
+    keys = [(await database_sync_to_async(node_key_create)(name=f"k{n}"))[1] for n in range(3)]
+    opened = await asyncio.gather(*(open_node_socket(f"/abp-distributed-server/ABP_Key={k}") for k in keys))
+    try:
+        assert all(connected for _, connected, _ in opened)
+        assert await database_sync_to_async(lambda: connection.connection is None)()
+    finally:
+        for node, _, _ in opened:
+            await close_communicator(node.communicator)
