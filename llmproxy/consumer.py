@@ -12,8 +12,7 @@ import asyncio
 import logging
 from typing import Any
 
-from channels.db import database_sync_to_async
-
+from apexbridge.db.hops import database_sync_to_async
 from llmproxy import services
 from llmproxy.protocol import LLMCancelPayload, LLMErrorCode, LLMRequestPayload
 from nodes.protocol import ProtocolError, validate

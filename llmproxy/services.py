@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
 
+from apexbridge.db.hops import database_sync_to_async
 from llmproxy import client
 from llmproxy.models import LLMOutcome, LLMRequestLog
 from llmproxy.protocol import (

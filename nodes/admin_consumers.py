@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
+from apexbridge.db.hops import database_sync_to_async
 from nodes.consumers import NoDatabaseHopPerMessageMixin
 from nodes.events import ADMIN_EVENTS_GROUP, unbundle
 from nodes.service_health import ResilientChannelReceiveMixin, layer_health

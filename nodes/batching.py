@@ -23,9 +23,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
-from channels.db import database_sync_to_async
-from django.db import close_old_connections
-
+from apexbridge.db.hops import database_sync_to_async
 from nodes import auth, services
 from nodes.service_health import is_database_outage
 
@@ -123,19 +121,9 @@ class DatabaseBatcher(Generic[Item]):
         self._pending.extendleft(reversed(repeats))
         return batch
 
-    def _handle_in_thread(self, items: list[Item]) -> list[Any]:
-        try:
-            return self.handle_many(items)
-        finally:
-            # Channels closes old connections around the hop, but outside the context
-            # the hop runs in: when the hop was started from a task that a consumer
-            # created, the connection it opened stayed open (seen on PostgreSQL as
-            # an idle session after a storm of handshakes). Closed here, inside.
-            close_old_connections()
-
     async def _handle(self, items: list[Item]) -> list[Any]:
         try:
-            return await database_sync_to_async(self._handle_in_thread)(items)
+            return await database_sync_to_async(self.handle_many)(items)
         except Exception as exc:
             if len(items) == 1 or is_database_outage(exc):
                 return [exc] * len(items)

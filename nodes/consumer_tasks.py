@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from channels.db import database_sync_to_async
-
+from apexbridge.db.hops import database_sync_to_async
 from nodes import task_services
 from nodes.protocol import (
     TaskResultPayload,

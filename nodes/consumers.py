@@ -16,10 +16,10 @@ from collections import deque
 from typing import Any
 
 from channels.consumer import get_handler_name
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from apexbridge.db.hops import database_sync_to_async
 from llmproxy.consumer import LLMProxyConsumerMixin
 from nodes import auth, services
 from nodes.batching import key_checks, registrations

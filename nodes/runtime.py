@@ -30,10 +30,10 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
+from apexbridge.db.hops import database_sync_to_async
 from apexbridge.db.pool import release_pooled_connection
 from nodes import services
 from nodes.service_health import database_health, is_database_outage, layer_health, ping_layer
