@@ -26,7 +26,6 @@ import asyncio
 import importlib
 import logging
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,21 +39,23 @@ _MESSAGE_PREFIX = re.compile(r"^(?:litellm\.)?\w*(?:Error|Exception|Timeout)\s*:
 _MAX_MESSAGE_CHARS = 2000
 
 
+_module: Any = None  # litellm, once its import has finished
+
+
 def _litellm() -> Any:
-    """The litellm module, imported now if no one has yet (sync callers)."""
-    module = sys.modules.get("litellm")
-    if module is None or not hasattr(module, "acompletion"):  # absent, or mid-import
+    """The litellm module, imported now if no one has yet (waits for an import that
+    another thread has started: Python's import lock)."""
+    global _module
+    if _module is None:
         module = importlib.import_module("litellm")
-    module.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on stdout
-    return module
+        module.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on stdout
+        _module = module
+    return _module
 
 
 async def load() -> Any:
     """litellm, imported in a worker thread the first time (not on the event loop)."""
-    module = sys.modules.get("litellm")
-    if module is not None and hasattr(module, "acompletion"):
-        return module
-    return await asyncio.to_thread(_litellm)
+    return _module if _module is not None else await asyncio.to_thread(_litellm)
 
 
 class UpstreamError(Exception):
@@ -177,7 +178,9 @@ def _usage(raw: Any) -> Usage | None:
 
 def count_usage(*, model: str, messages: list[dict[str, Any]], completion_text: str) -> Usage:
     """Count tokens locally (litellm's tokenizers) when the upstream did not say."""
-    litellm = _litellm()
+    litellm = _module
+    if litellm is None:  # every upstream call loads litellm first: none was made
+        return Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
     try:
         prompt = litellm.token_counter(model=model, messages=messages)
     except Exception:
@@ -205,9 +208,8 @@ def upstream_error(exc: BaseException) -> UpstreamError:
 
 
 def _code_for(exc: BaseException) -> str:
-    litellm = sys.modules.get("litellm")
-    if litellm is None or not hasattr(litellm, "UnsupportedParamsError"):
-        # Not imported (yet): exc cannot be one of litellm's errors.
+    litellm = _module
+    if litellm is None:  # not imported (yet): exc cannot be one of litellm's errors
         return _code_by_name(exc)
     if isinstance(exc, (litellm.Timeout, asyncio.TimeoutError, TimeoutError)):
         return LLMErrorCode.UPSTREAM_TIMEOUT

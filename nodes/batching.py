@@ -81,14 +81,17 @@ class DatabaseBatcher(Generic[Item]):
                 continue
             try:
                 outcomes = await self._handle([item for item, _ in batch])
-            except BaseException as exc:  # cancelled with the loop: nobody waits in vain
+                if len(outcomes) != len(batch):
+                    raise RuntimeError(f"{self.what}: {len(outcomes)} outcomes for {len(batch)} items")
+            except Exception as exc:  # a bug in handle_many: its callers hear it, not hang
+                logger.exception("handling a batch of %d %s failed", len(batch), self.what)
                 for _, future in batch:
-                    if future.done():
-                        continue
-                    if isinstance(exc, Exception):
+                    if not future.done():
                         future.set_exception(exc)
-                    else:
-                        future.cancel()
+                continue
+            except BaseException:  # cancelled with the loop: nobody waits in vain
+                for _, future in batch:
+                    future.cancel()
                 raise
             for (_, future), outcome in zip(batch, outcomes, strict=True):
                 if future.done():
@@ -134,7 +137,13 @@ class DatabaseBatcher(Generic[Item]):
                 type(exc).__name__,
                 exc,
             )
-            return [(await self._handle([item]))[0] for item in items]
+            outcomes: list[Any] = []
+            for item in items:
+                if outcomes and is_database_outage(outcomes[-1]):
+                    outcomes.append(outcomes[-1])  # the database went away meanwhile
+                else:
+                    outcomes.extend(await self._handle([item]))
+            return outcomes
 
 
 def _register_many(items: list[services.NodeRegistration]) -> list[Any]:

@@ -183,12 +183,13 @@ def test_a_hub_process_starts_without_importing_litellm():
         "import asyncio\n"
         "module = asyncio.run(client.load())\n"
         "assert module is sys.modules['litellm'] and module.suppress_debug_info\n"
+        "assert client.count_usage(model='m', messages=[], completion_text='x').total_tokens >= 0\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_an_error_before_litellm_is_imported_still_gets_its_code(monkeypatch):
-    monkeypatch.delitem(__import__("sys").modules, "litellm")
+    monkeypatch.setattr(client, "_module", None)  # as before the first llm_request
     assert client.upstream_error(TimeoutError("slow")).code == LLMErrorCode.UPSTREAM_TIMEOUT
     assert client.upstream_error(ConnectionError("refused")).code == LLMErrorCode.UPSTREAM_ERROR

@@ -203,7 +203,7 @@ async def test_a_registration_whose_connection_went_away_before_its_batch_is_not
     gone.cancel()
     release.set()
     assert (await first).node.node_id == "first"
-    await asyncio.sleep(0.05)
+    await batcher._worker  # every batch handled
     assert await Node.objects.filter(pk="gone").aexists() is False
 
 
@@ -286,3 +286,27 @@ async def test_a_storm_leaves_no_database_connection_open():
     finally:
         for node, _, _ in opened:
             await close_communicator(node.communicator)
+
+
+async def test_an_outage_during_the_one_by_one_retry_is_answered_to_the_rest_at_once():
+    calls: list[int] = []
+
+    def handle_many(items):
+        calls.append(len(items))
+        if len(items) > 1:
+            raise IntegrityError("one bad item")
+        raise OperationalError("could not connect to server")  # the database went away
+
+    batcher = DatabaseBatcher(handle_many, what="items")
+    outcomes = await asyncio.gather(*(batcher.submit(n) for n in range(4)), return_exceptions=True)
+    assert all(isinstance(o, OperationalError) for o in outcomes)
+    assert calls == [4, 1]  # not one attempt per item against a database that is down
+
+
+async def test_a_batch_function_that_miscounts_fails_every_caller_instead_of_hanging():
+    batcher = DatabaseBatcher(lambda items: items[:-1], what="items")
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit(n) for n in range(3)), return_exceptions=True), 5
+    )
+    messages = [str(outcome) for outcome in outcomes]
+    assert messages == ["items: 2 outcomes for 3 items"] * 3
