@@ -130,6 +130,15 @@ def authenticate_shared_key(presented: str | None) -> KeyIdentity | None:
     return None
 
 
+def node_key_prefix(presented: str | None) -> str | None:
+    """The prefix by which a per-node key is looked up, or None if ``presented`` does
+    not have a per-node key's form (such a key is refused without the database)."""
+    if not presented or len(presented) > 512:
+        return None
+    parts = presented.split("_", 2)
+    return parts[1] or None if len(parts) == 3 and parts[0] == KEY_PREFIX else None
+
+
 def authenticate_key(presented: str | None) -> KeyIdentity | None:
     """Return the identity for a presented key, or None. Never logs the key."""
     return authenticate_keys([presented])[0]
@@ -145,8 +154,7 @@ def authenticate_keys(presented_keys: list[str | None]) -> list[KeyIdentity | No
             continue
         identities[index] = authenticate_shared_key(presented)
         if identities[index] is None:
-            parts = presented.split("_", 2)
-            prefixes[index] = parts[1] if len(parts) == 3 and parts[0] == KEY_PREFIX else None
+            prefixes[index] = node_key_prefix(presented)
     wanted = {prefix for prefix in prefixes.values() if prefix}
     rows = {row.prefix: row for row in NodeKey.objects.filter(prefix__in=wanted)} if wanted else {}
     used: list[int] = []

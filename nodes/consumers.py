@@ -121,9 +121,12 @@ class NodeConsumer(
         presented = kwargs.get("key") or self._bearer_key()
         client = self.scope.get("client") or ["?", 0]
         try:
-            # The shared key needs no database; per-node keys are checked in batches
-            # (a reconnect storm's handshakes queue on the one database thread).
-            identity = auth.authenticate_shared_key(presented) or await key_checks.submit(presented)
+            # The shared key needs no database, nor does refusing what cannot be a key;
+            # per-node keys are checked in batches (a reconnect storm's handshakes
+            # queue on the one database thread).
+            identity = auth.authenticate_shared_key(presented)
+            if identity is None and auth.node_key_prefix(presented):
+                identity = await key_checks.submit(presented)
         except Exception as exc:
             if not is_database_outage(exc):
                 raise

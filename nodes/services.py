@@ -135,6 +135,7 @@ def node_register_many(*, registrations: list[NodeRegistration]) -> list[Registr
             node = existing.get(node_id)
             if node is None:
                 if node_count is None:
+                    _serialize_node_admission()
                     node_count = Node.objects.count()
                 if node_count >= settings.APEXBRIDGE_MAX_NODES:
                     raise ProtocolError(
@@ -196,6 +197,22 @@ def node_register_many(*, registrations: list[NodeRegistration]) -> list[Registr
             connection_id,
         )
     return outcomes
+
+
+# Any fixed number: the lock only has to be the same in every hub process.
+NODE_ADMISSION_LOCK = 0x4142_4E4F
+
+
+def _serialize_node_admission() -> None:
+    """Hold, until this transaction ends, the right to admit new nodes, so the count
+    checked against ``APEXBRIDGE_MAX_NODES`` includes what another hub process is
+    admitting at the same moment (without it, two processes' batches could each
+    count the other's nodes out and overshoot the limit). PostgreSQL: a
+    transaction-scoped advisory lock; SQLite's ``BEGIN IMMEDIATE`` already lets one
+    writer in at a time."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [NODE_ADMISSION_LOCK])
 
 
 # What a registration sets on an existing row (hub-kept statistics and the admin's

@@ -6,9 +6,10 @@ own answer, refusal or error."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
-from django.db import IntegrityError, OperationalError
+from django.db import IntegrityError, OperationalError, connections, transaction
 
 from nodes import services
 from nodes.auth import KeyIdentity
@@ -88,6 +89,46 @@ def test_one_batch_registers_new_and_known_nodes_and_refuses_only_the_bad_one(
 
 
 @pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
+def test_two_processes_admitting_new_nodes_at_once_cannot_overshoot_the_node_limit(settings):
+    """Process A has admitted the last allowed node and not yet committed; process B's
+    batch of new nodes must wait for A and then count A's node (PostgreSQL: the
+    admission lock; SQLite: BEGIN IMMEDIATE)."""
+    settings.APEXBRIDGE_MAX_NODES = 1
+    a_admitted, a_may_commit = threading.Event(), threading.Event()
+    b_outcomes: list = []
+
+    def process_a() -> None:
+        try:
+            with transaction.atomic():
+                services.node_register_many(registrations=[registration("from-a", 1)])
+                a_admitted.set()
+                a_may_commit.wait(10)
+        finally:
+            connections.close_all()
+
+    def process_b() -> None:
+        try:
+            b_outcomes.extend(services.node_register_many(registrations=[registration("from-b", 2)]))
+        finally:
+            connections.close_all()
+
+    a = threading.Thread(target=process_a)
+    a.start()
+    assert a_admitted.wait(10)
+    b = threading.Thread(target=process_b)
+    b.start()
+    b.join(1)
+    finished_before_a_committed = not b.is_alive()
+    a_may_commit.set()
+    a.join(10)
+    b.join(30)
+
+    assert not finished_before_a_committed  # B waited for A's admission to end
+    assert [getattr(outcome, "code", None) for outcome in b_outcomes] == ["node_limit_reached"]
+    assert list(Node.objects.values_list("pk", flat=True)) == ["from-a"]
+
+
 def test_a_batch_names_each_node_id_once():
     with pytest.raises(ValueError):
         services.node_register_many(registrations=[registration("twice", 1), registration("twice", 2)])

@@ -81,3 +81,16 @@ async def test_a_shared_key_handshake_needs_no_database(node_socket, monkeypatch
     monkeypatch.setattr(services, "node_register_many", refused)
     reply = await node.request("node_register", REGISTER)
     assert reply["data"]["error"]["code"] == "service_unavailable"
+
+
+@pytest.mark.parametrize("presented", ["not-a-key", "abk__nothing", "x" * 600])
+async def test_what_cannot_be_a_key_is_refused_even_without_database(monkeypatch, presented):
+    monkeypatch.setattr(auth, "authenticate_keys", refused)
+    # Neither the shared key nor a per-node key's form: refused at once (HTTP 403),
+    # not told to come back later as if the key might be right
+    from apexbridge.asgi import application
+
+    communicator = WebsocketCommunicator(application, f"/abp-distributed-server/ABP_Key={presented}")
+    connected, _ = await communicator.connect()
+    assert not connected
+    await close_communicator(communicator)
