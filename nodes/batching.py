@@ -9,8 +9,9 @@ handled waits for the next one, so an idle hub adds no delay and a storm costs a
 few queries per batch. Each caller still gets its own outcome once its batch is
 done (for a registration: committed).
 
-- ``registrations``: ``services.node_register_many``; a node id appears once per
-  batch (a repeat waits for the next batch, so the later connection takes over).
+- ``registrations``: ``registration_services.node_register_many``; a node id
+  appears once per batch (a repeat waits for the next batch, so the later
+  connection takes over).
 - ``key_checks``: ``auth.authenticate_keys`` (per-node keys; the shared key needs
   no database and is checked on the event loop).
 """
@@ -24,7 +25,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 from apexbridge.db.hops import database_sync_to_async
-from nodes import auth, services
+from nodes import auth, registration_services
 from nodes.service_health import is_database_outage
 
 logger = logging.getLogger(__name__)
@@ -146,15 +147,15 @@ class DatabaseBatcher(Generic[Item]):
             return outcomes
 
 
-def _register_many(items: list[services.NodeRegistration]) -> list[Any]:
-    return services.node_register_many(registrations=items)
+def _register_many(items: list[registration_services.NodeRegistration]) -> list[Any]:
+    return registration_services.node_register_many(registrations=items)
 
 
 def _authenticate_many(items: list[str]) -> list[Any]:
     return auth.authenticate_keys(items)
 
 
-registrations: DatabaseBatcher[services.NodeRegistration] = DatabaseBatcher(
+registrations: DatabaseBatcher[registration_services.NodeRegistration] = DatabaseBatcher(
     _register_many, what="registrations", key=lambda registration: registration.node_id
 )
 key_checks: DatabaseBatcher[str] = DatabaseBatcher(_authenticate_many, what="key checks")

@@ -21,7 +21,7 @@ from django.conf import settings
 
 from apexbridge.db.hops import database_sync_to_async
 from llmproxy.consumer import LLMProxyConsumerMixin
-from nodes import auth, services
+from nodes import auth, registration_services, services
 from nodes.batching import key_checks, registrations
 from nodes.consumer_tasks import TaskConsumerMixin
 from nodes.models import NodeProtocol, NodeStatus
@@ -259,8 +259,8 @@ class NodeConsumer(
             )
         return self.node_id
 
-    def _services_connection(self) -> services.Connection:
-        return services.Connection(
+    def _services_connection(self) -> registration_services.Connection:
+        return registration_services.Connection(
             connection_id=self.connection_id, channel_name=self.channel_name, process_id=runtime.process_id
         )
 
@@ -292,7 +292,7 @@ class NodeConsumer(
         await runtime.dispatch()
 
     async def _register(self, payload: NodeRegisterPayload, protocol: str, manifests) -> None:
-        registration = services.NodeRegistration(
+        registration = registration_services.NodeRegistration(
             payload, self._services_connection(), self.identity, protocol, tool_manifests=manifests
         )
         result = await registrations.submit(registration)

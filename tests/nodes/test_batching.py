@@ -1,5 +1,5 @@
 """Database work coalesced into batches (nodes/batching.py): a storm of
-``node_register`` (``services.node_register_many``) and of handshake key checks
+``node_register`` (``registration_services.node_register_many``) and of handshake key checks
 (``auth.authenticate_keys``) is handled in batches, and every node still gets its
 own answer, refusal or error."""
 
@@ -11,7 +11,7 @@ import threading
 import pytest
 from django.db import IntegrityError, OperationalError, connections, transaction
 
-from nodes import services
+from nodes import registration_services
 from nodes.auth import KeyIdentity
 from nodes.batching import DatabaseBatcher, _register_many
 from nodes.models import Node, NodeKey, NodeLog
@@ -39,8 +39,10 @@ def registration(node_id: str | None, n: int = 1, identity: KeyIdentity = SHARED
     data = {"nodeId": node_id, "name": fields.pop("name", node_id or "anon"), "capabilities": []}
     data.update(fields)
     payload = NodeRegisterPayload.model_validate({k: v for k, v in data.items() if v is not None})
-    connection = services.Connection(connection_id=f"c-{n}", channel_name=f"chan-{n}", process_id="hub-test")
-    return services.NodeRegistration(payload, connection, identity)
+    connection = registration_services.Connection(
+        connection_id=f"c-{n}", channel_name=f"chan-{n}", process_id="hub-test"
+    )
+    return registration_services.NodeRegistration(payload, connection, identity)
 
 
 # --- the service: one transaction, one outcome per registration -----------------------------
@@ -50,7 +52,9 @@ def test_one_batch_registers_new_and_known_nodes_and_refuses_only_the_bad_one(
 ):
     settings.APEXBRIDGE_MAX_NODES = 3
     earlier = registration("known")
-    services.node_register(payload=earlier.payload, connection=earlier.connection, identity=SHARED)
+    registration_services.node_register(
+        payload=earlier.payload, connection=earlier.connection, identity=SHARED
+    )
     Node.objects.filter(pk="known").update(completed_tasks=7, draining=True)
     bound = KeyIdentity(kind="node", key_id=None, name="k", node_id="only-me")
     batch = [
@@ -61,7 +65,7 @@ def test_one_batch_registers_new_and_known_nodes_and_refuses_only_the_bad_one(
         registration("new-3", 6),  # a fourth node: over APEXBRIDGE_MAX_NODES
     ]
     with django_capture_on_commit_callbacks() as published:
-        outcomes = services.node_register_many(registrations=batch)
+        outcomes = registration_services.node_register_many(registrations=batch)
 
     assert [type(o).__name__ for o in outcomes] == [
         "RegistrationResult",
@@ -88,7 +92,6 @@ def test_one_batch_registers_new_and_known_nodes_and_refuses_only_the_bad_one(
     assert len(published) == 5
 
 
-@pytest.mark.django_db
 @pytest.mark.django_db(transaction=True)
 def test_two_processes_admitting_new_nodes_at_once_cannot_overshoot_the_node_limit(settings):
     """Process A has admitted the last allowed node and not yet committed; process B's
@@ -101,7 +104,7 @@ def test_two_processes_admitting_new_nodes_at_once_cannot_overshoot_the_node_lim
     def process_a() -> None:
         try:
             with transaction.atomic():
-                services.node_register_many(registrations=[registration("from-a", 1)])
+                registration_services.node_register_many(registrations=[registration("from-a", 1)])
                 a_admitted.set()
                 a_may_commit.wait(10)
         finally:
@@ -109,7 +112,9 @@ def test_two_processes_admitting_new_nodes_at_once_cannot_overshoot_the_node_lim
 
     def process_b() -> None:
         try:
-            b_outcomes.extend(services.node_register_many(registrations=[registration("from-b", 2)]))
+            b_outcomes.extend(
+                registration_services.node_register_many(registrations=[registration("from-b", 2)])
+            )
         finally:
             connections.close_all()
 
@@ -129,16 +134,19 @@ def test_two_processes_admitting_new_nodes_at_once_cannot_overshoot_the_node_lim
     assert list(Node.objects.values_list("pk", flat=True)) == ["from-a"]
 
 
+@pytest.mark.django_db
 def test_a_batch_names_each_node_id_once():
     with pytest.raises(ValueError):
-        services.node_register_many(registrations=[registration("twice", 1), registration("twice", 2)])
+        registration_services.node_register_many(
+            registrations=[registration("twice", 1), registration("twice", 2)]
+        )
     assert not Node.objects.exists()
 
 
 @pytest.mark.django_db
 def test_a_registration_without_a_node_id_gets_the_keys_or_a_new_one():
     bound = KeyIdentity(kind="node", key_id=None, name="k", node_id="from-key")
-    outcomes = services.node_register_many(
+    outcomes = registration_services.node_register_many(
         registrations=[registration(None, 1, identity=bound), registration(None, 2)]
     )
     assert outcomes[0].node.node_id == "from-key"
@@ -149,13 +157,13 @@ def test_a_registration_without_a_node_id_gets_the_keys_or_a_new_one():
 @pytest.mark.django_db(transaction=True)
 async def test_a_storm_is_written_in_batches_and_every_node_is_answered(monkeypatch):
     calls: list[int] = []
-    real = services.node_register_many
+    real = registration_services.node_register_many
 
     def counted(*, registrations):
         calls.append(len(registrations))
         return real(registrations=registrations)
 
-    monkeypatch.setattr(services, "node_register_many", counted)
+    monkeypatch.setattr(registration_services, "node_register_many", counted)
     batcher = registration_batcher(max_batch=10)
     results = await asyncio.gather(*(batcher.submit(registration(f"s-{i}", i)) for i in range(25)))
 
@@ -190,14 +198,14 @@ async def test_a_refusal_reaches_only_its_own_node():
 
 @pytest.mark.django_db(transaction=True)
 async def test_a_failed_batch_is_written_one_by_one_so_only_the_bad_one_fails(monkeypatch, caplog):
-    real = services.node_register_many
+    real = registration_services.node_register_many
 
     def collides(*, registrations):
         if any(r.node_id == "racy" for r in registrations):  # another process inserted it
             raise IntegrityError("UNIQUE constraint failed: nodes_node.node_id")
         return real(registrations=registrations)
 
-    monkeypatch.setattr(services, "node_register_many", collides)
+    monkeypatch.setattr(registration_services, "node_register_many", collides)
     batcher = registration_batcher()
     outcomes = await asyncio.gather(
         *(batcher.submit(registration(node_id, n)) for n, node_id in enumerate(["a", "racy", "b"])),
@@ -217,7 +225,7 @@ async def test_without_the_database_every_node_in_the_batch_hears_it_once(monkey
         calls.append(len(registrations))
         raise OperationalError("could not connect to server")
 
-    monkeypatch.setattr(services, "node_register_many", refused)
+    monkeypatch.setattr(registration_services, "node_register_many", refused)
     batcher = registration_batcher()
     outcomes = await asyncio.gather(
         *(batcher.submit(registration(f"o-{i}", i)) for i in range(4)), return_exceptions=True

@@ -10,7 +10,7 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
-from nodes import auth, services
+from nodes import auth, registration_services, services
 from nodes.auth import node_key_create
 from nodes.protocol import CloseCode
 from tests.conftest import NodeSocket, close_communicator, wait_closed
@@ -27,7 +27,7 @@ REGISTER = {"nodeId": "n1", "name": "n1", "type": "worker", "capabilities": []}
 
 async def test_a_registration_without_database_is_refused_as_service_unavailable(node_socket, monkeypatch):
     node = await node_socket()
-    monkeypatch.setattr(services, "node_register_many", refused)
+    monkeypatch.setattr(registration_services, "node_register_many", refused)
     # When a node registers while the database is down
     reply = await node.request("node_register", REGISTER)
     # Then its own reply says so, and it may try again (not counted as bad input)
@@ -51,7 +51,7 @@ async def test_heartbeats_are_acknowledged_while_the_database_is_down(node_socke
 async def test_many_refusals_do_not_close_the_socket(node_socket, monkeypatch, settings):
     settings.APEXBRIDGE_MAX_PROTOCOL_ERRORS = 3
     node = await node_socket()
-    monkeypatch.setattr(services, "node_register_many", refused)
+    monkeypatch.setattr(registration_services, "node_register_many", refused)
     for _ in range(6):
         reply = await node.request("node_register", REGISTER)
         assert reply["data"]["error"]["code"] == "service_unavailable"
@@ -78,7 +78,7 @@ async def test_a_shared_key_handshake_needs_no_database(node_socket, monkeypatch
     # learns about the outage from its registration's reply (it may retry).
     node = await node_socket()
     assert node.ack["type"] == "connection_ack"
-    monkeypatch.setattr(services, "node_register_many", refused)
+    monkeypatch.setattr(registration_services, "node_register_many", refused)
     reply = await node.request("node_register", REGISTER)
     assert reply["data"]["error"]["code"] == "service_unavailable"
 

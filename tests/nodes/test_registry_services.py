@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from nodes import events, services
+from nodes import events, registration_services, services
 from nodes.auth import KeyIdentity
 from nodes.models import Node, NodeLog
 from nodes.protocol import NodeRegisterPayload, ProtocolError, node_info_data
@@ -18,8 +18,10 @@ pytestmark = pytest.mark.django_db
 SHARED = KeyIdentity(kind="shared", name="shared")
 
 
-def conn(n: int) -> services.Connection:
-    return services.Connection(connection_id=f"c-{n}", channel_name=f"chan-{n}", process_id="hub-test")
+def conn(n: int) -> registration_services.Connection:
+    return registration_services.Connection(
+        connection_id=f"c-{n}", channel_name=f"chan-{n}", process_id="hub-test"
+    )
 
 
 def payload(node_id: str | None = "n1", **fields) -> NodeRegisterPayload:
@@ -47,13 +49,13 @@ def published(monkeypatch, django_capture_on_commit_callbacks):
 
 def test_register_new_then_takeover(published):
     with published():
-        first = services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
+        first = registration_services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
     assert first.created is True and first.replaced_channel_name == ""
     assert [t for t, _ in published.events] == ["node_registered", "node_status_changed"]
 
     Node.objects.filter(pk="n1").update(completed_tasks=3, total_response_time_ms=300, total_tasks=3)
     with published():
-        second = services.node_register(payload=payload(), connection=conn(2), identity=SHARED)
+        second = registration_services.node_register(payload=payload(), connection=conn(2), identity=SHARED)
     assert second.created is False
     assert second.replaced_channel_name == "chan-1"  # the older socket to close with 4000
     row = Node.objects.get(pk="n1")
@@ -64,24 +66,24 @@ def test_register_new_then_takeover(published):
 
 
 def test_register_again_on_the_same_connection_replaces_nothing():
-    services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
-    again = services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
+    registration_services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
+    again = registration_services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
     assert again.replaced_channel_name == ""
 
 
 def test_takeover_of_a_disconnected_node_closes_nothing():
-    services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
+    registration_services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
     assert services.node_disconnected(node_id="n1", connection_id="c-1") is True
-    result = services.node_register(payload=payload(), connection=conn(2), identity=SHARED)
+    result = registration_services.node_register(payload=payload(), connection=conn(2), identity=SHARED)
     assert result.replaced_channel_name == ""
     assert Node.objects.get(pk="n1").status == "online"
 
 
 def test_draining_survives_a_reconnect():
-    services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
+    registration_services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
     services.node_set_draining(node_id="n1", draining=True)
     services.node_disconnected(node_id="n1", connection_id="c-1")
-    services.node_register(payload=payload(), connection=conn(2), identity=SHARED)
+    registration_services.node_register(payload=payload(), connection=conn(2), identity=SHARED)
     assert Node.objects.get(pk="n1").draining is True
     assert services.node_set_draining(node_id="missing", draining=True) is None
 
@@ -90,33 +92,33 @@ def test_restricted_keys_refuse_and_roll_back(published):
     bound = KeyIdentity(kind="node", key_id=None, name="k", node_id="only-me")
     with pytest.raises(ProtocolError) as refused:
         with published():
-            services.node_register(payload=payload("other"), connection=conn(1), identity=bound)
+            registration_services.node_register(payload=payload("other"), connection=conn(1), identity=bound)
     assert refused.value.code == "forbidden"
     capped = KeyIdentity(kind="node", key_id=None, name="k", capabilities=("echo",))
     with pytest.raises(ProtocolError) as refused:
-        services.node_register(
+        registration_services.node_register(
             payload=payload("n2", capabilities=["echo", "shell"]), connection=conn(1), identity=capped
         )
     assert refused.value.code == "forbidden"
     assert Node.objects.count() == 0 and NodeLog.objects.count() == 0
     assert published.events == []
 
-    result = services.node_register(payload=payload(None), connection=conn(1), identity=bound)
+    result = registration_services.node_register(payload=payload(None), connection=conn(1), identity=bound)
     assert result.node.node_id == "only-me"
 
 
 def test_node_limit(settings):
     settings.APEXBRIDGE_MAX_NODES = 1
-    services.node_register(payload=payload("a"), connection=conn(1), identity=SHARED)
+    registration_services.node_register(payload=payload("a"), connection=conn(1), identity=SHARED)
     with pytest.raises(ProtocolError) as refused:
-        services.node_register(payload=payload("b"), connection=conn(2), identity=SHARED)
+        registration_services.node_register(payload=payload("b"), connection=conn(2), identity=SHARED)
     assert refused.value.code == "node_limit_reached"
     assert list(Node.objects.values_list("pk", flat=True)) == ["a"]
 
 
 def test_a_stale_connection_changes_nothing():
-    services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
-    services.node_register(payload=payload(), connection=conn(2), identity=SHARED)  # takeover
+    registration_services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
+    registration_services.node_register(payload=payload(), connection=conn(2), identity=SHARED)  # takeover
     before = Node.objects.values().get(pk="n1")
 
     assert services.node_set_status(node_id="n1", connection_id="c-1", status="busy") is None
@@ -132,7 +134,7 @@ def test_a_stale_connection_changes_nothing():
 
 
 def test_unregister_removes_the_node_but_keeps_its_log(published):
-    services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
+    registration_services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
     services.node_log_add(node_id="n1", message="hello")
     with published():
         removed = services.node_unregister(node_id="n1", reason="decommissioned")
@@ -146,7 +148,7 @@ def test_unregister_removes_the_node_but_keeps_its_log(published):
 
 
 def test_status_change_is_written_and_published_once(published):
-    services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
+    registration_services.node_register(payload=payload(), connection=conn(1), identity=SHARED)
     with published():
         assert services.node_set_status(node_id="n1", connection_id="c-1", status="busy") == "online"
         assert services.node_set_status(node_id="n1", connection_id="c-1", status="busy") == "busy"
@@ -157,13 +159,15 @@ def test_status_change_is_written_and_published_once(published):
 
 
 def test_tools_of_abp_and_vcp_nodes():
-    services.node_register(payload=payload("abp", capabilities=["c"]), connection=conn(1), identity=SHARED)
+    registration_services.node_register(
+        payload=payload("abp", capabilities=["c"]), connection=conn(1), identity=SHARED
+    )
     node = services.node_set_tools(node_id="abp", connection_id="c-1", tools=["a", "b", "a"], manifests=None)
     assert node.tools == ["a", "b"] and node.capabilities == ["c"]
     node = services.node_remove_tools(node_id="abp", connection_id="c-1", tools=["a"])
     assert node.tools == ["b"]
 
-    services.node_register(
+    registration_services.node_register(
         payload=payload("vcp-x", capabilities=["t1", "t2"], tools=["t1", "t2"]),
         connection=conn(2),
         identity=SHARED,
