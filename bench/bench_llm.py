@@ -17,6 +17,15 @@ import sys
 
 from common import LOAD_CPUS, PYTHON, ROOT, Bench, machine_header, median_spread, print_table, run_loadgen
 
+# The hub's LLM settings for a bench (plus APEXBRIDGE_LLM_API_BASE: the upstream's);
+# quotas high enough never to refuse.
+LLM_ENV = {
+    "APEXBRIDGE_LLM_MODEL": "openai/bench",
+    "APEXBRIDGE_LLM_API_KEY": "sk-bench",
+    "APEXBRIDGE_QUOTA_MAX_REQUESTS_PER_MINUTE": "1000000",
+    "APEXBRIDGE_QUOTA_MAX_TOKENS_PER_DAY": "1000000000",
+}
+
 
 def start_upstream(chunks: int) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
@@ -37,13 +46,7 @@ def measure(bench: Bench, backend: str, requests: int, chunks: int) -> dict:
     try:
         hub = bench.hub(
             backend,
-            env={
-                "APEXBRIDGE_LLM_MODEL": "openai/bench",
-                "APEXBRIDGE_LLM_API_BASE": api_base,
-                "APEXBRIDGE_LLM_API_KEY": "sk-bench",
-                "APEXBRIDGE_QUOTA_MAX_REQUESTS_PER_MINUTE": "1000000",
-                "APEXBRIDGE_QUOTA_MAX_TOKENS_PER_DAY": "1000000000",
-            },
+            env={**LLM_ENV, "APEXBRIDGE_LLM_API_BASE": api_base},
         )
         return run_loadgen(
             "llm",
@@ -54,7 +57,7 @@ def measure(bench: Bench, backend: str, requests: int, chunks: int) -> dict:
             "--upstream",
             api_base,
             "--model",
-            "openai/bench",
+            LLM_ENV["APEXBRIDGE_LLM_MODEL"],
             "--chunks",
             str(chunks),
         )

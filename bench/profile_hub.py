@@ -3,6 +3,7 @@
     .venv/bin/python bench/profile_hub.py nodes --nodes 2000
     .venv/bin/python bench/profile_hub.py heartbeats --nodes 1000 --rate 1000 --seconds 10
     .venv/bin/python bench/profile_hub.py --backend services tasks --nodes 10 --tasks 1000
+    .venv/bin/python bench/profile_hub.py --gil llm --requests 400
 
 Everything after the options is passed to ``bench/loadgen.py`` (``--url``/``--http``/
 ``--token`` are filled in). py-spy (``requirements-bench.txt``) samples the hub for the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import re
 import subprocess
 import sys
@@ -81,8 +83,17 @@ def main() -> None:
         raise SystemExit("py-spy is not installed: .venv/bin/pip install -r requirements-bench.txt")
     bench = Bench()
     raw = args.raw or Path(tempfile.mkstemp(suffix=".txt", prefix="apexbridge-profile-")[1])
+    stack = contextlib.ExitStack()
     try:
-        hub = bench.hub(args.backend)
+        if args.mode == "llm":  # a loopback upstream, and the hub's model pointed at it
+            from bench_llm import LLM_ENV, start_upstream
+
+            upstream, api_base = start_upstream(chunks=50)
+            stack.callback(lambda: (upstream.kill(), upstream.wait()))
+            hub = bench.hub(args.backend, env={**LLM_ENV, "APEXBRIDGE_LLM_API_BASE": api_base})
+            load_args = ["--upstream", api_base, "--model", LLM_ENV["APEXBRIDGE_LLM_MODEL"], *load_args]
+        else:
+            hub = bench.hub(args.backend)
         connection = ["--url", hub.node_url(), "--http", hub.http_url, "--token", hub.staff_token()]
         command = [str(PY_SPY), "record", "--pid", str(hub.process.pid), "--rate", str(args.sample_rate)]
         command += ["--format", "raw", "--output", str(raw), "--threads", "--nonblocking"]
@@ -96,6 +107,7 @@ def main() -> None:
             spy.wait(timeout=60)
     finally:
         bench.close()
+        stack.close()
     total, rows = summarize(raw, args.top, args.focus, args.by_self)
     print_table(
         machine_header(f"profile_hub — {args.mode} {' '.join(load_args)} ({args.backend})"),

@@ -140,11 +140,14 @@ class DatabaseLimiter:
     ) -> Refusal | None:
         with transaction.atomic():
             now = time.time()
-            RequestBucket.objects.get_or_create(
-                node_id=node_id, defaults={"tokens": limits.bucket_capacity, "refilled_at": now}
-            )
-            # The locked bucket row is the node's mutex for the stream slots too.
-            bucket = RequestBucket.objects.select_for_update().get(node_id=node_id)
+            # The locked bucket row is the node's mutex for the stream slots too. One
+            # query when the row exists (every request after a node's first).
+            bucket = RequestBucket.objects.select_for_update().filter(node_id=node_id).first()
+            if bucket is None:
+                RequestBucket.objects.get_or_create(
+                    node_id=node_id, defaults={"tokens": limits.bucket_capacity, "refilled_at": now}
+                )
+                bucket = RequestBucket.objects.select_for_update().get(node_id=node_id)
             tokens = self._refilled(bucket, limits, now)
             if stream:
                 now_dt = timezone.now()
@@ -164,13 +167,19 @@ class DatabaseLimiter:
                 )
             RequestBucket.objects.filter(node_id=node_id).update(tokens=tokens - 1.0, refilled_at=now)
             if stream:
-                StreamSlot.objects.update_or_create(
-                    node_id=node_id,
-                    slot_key=key,
-                    defaults={
-                        "connection_id": connection_id,
-                        "lease_expires_at": now_dt + dt.timedelta(milliseconds=lease_ms),
-                    },
+                # One upsert: the slot is new unless the same request id is sent again.
+                StreamSlot.objects.bulk_create(
+                    [
+                        StreamSlot(
+                            node_id=node_id,
+                            slot_key=key,
+                            connection_id=connection_id,
+                            lease_expires_at=now_dt + dt.timedelta(milliseconds=lease_ms),
+                        )
+                    ],
+                    update_conflicts=True,
+                    unique_fields=["node_id", "slot_key"],
+                    update_fields=["connection_id", "lease_expires_at"],
                 )
         return None
 
