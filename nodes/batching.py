@@ -14,6 +14,9 @@ done (for a registration: committed).
   connection takes over).
 - ``key_checks``: ``auth.authenticate_keys`` (per-node keys; the shared key needs
   no database and is checked on the event loop).
+- ``task_results``: ``task_services.task_complete_many`` (results streaming in from
+  many nodes); a task id appears once per batch (a repeat is then answered
+  ``stale_result``, as it would be one after the other).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 from apexbridge.db.hops import database_sync_to_async
-from nodes import auth, registration_services
+from nodes import auth, registration_services, task_services
 from nodes.service_health import is_database_outage
 
 logger = logging.getLogger(__name__)
@@ -151,6 +154,10 @@ def _register_many(items: list[registration_services.NodeRegistration]) -> list[
     return registration_services.node_register_many(registrations=items)
 
 
+def _complete_many(items: list[task_services.TaskResult]) -> list[Any]:
+    return task_services.task_complete_many(results=items)
+
+
 def _authenticate_many(items: list[str]) -> list[Any]:
     return auth.authenticate_keys(items)
 
@@ -159,3 +166,6 @@ registrations: DatabaseBatcher[registration_services.NodeRegistration] = Databas
     _register_many, what="registrations", key=lambda registration: registration.node_id
 )
 key_checks: DatabaseBatcher[str] = DatabaseBatcher(_authenticate_many, what="key checks")
+task_results: DatabaseBatcher[task_services.TaskResult] = DatabaseBatcher(
+    _complete_many, what="task results", key=lambda result: result.task_id
+)

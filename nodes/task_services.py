@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
@@ -42,11 +43,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SubmitResult",
+    "TaskResult",
     "TaskError",
     "TaskStateError",
     "TaskValidationError",
     "task_cancel",
     "task_complete",
+    "task_complete_many",
     "task_dispatch_pending",
     "task_release_node_attempts",
     "task_requeue",
@@ -440,6 +443,20 @@ def _check_result_source(task: Task, node_id: str, connection_id: str, attempt: 
         )
 
 
+@dataclass
+class TaskResult:
+    """A node's result for one attempt (``task_result`` or VCP ``tool_result``)."""
+
+    task_id: str
+    node_id: str
+    connection_id: str
+    success: bool
+    result: Any = None
+    error: dict[str, Any] | None = None
+    execution_time_ms: int | None = None
+    attempt: int | None = None
+
+
 def task_complete(
     *,
     task_id: str,
@@ -454,42 +471,77 @@ def task_complete(
     """Accept a node's result for the current attempt (``task_result`` or VCP
     ``tool_result``). Raises ``ProtocolError`` (``unknown_task``, ``node_mismatch``,
     ``stale_result``) and changes nothing for any other result."""
-    with transaction.atomic():
-        lock_node(node_id)
-        task = Task.objects.select_for_update().filter(pk=task_id).first()
-        if task is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_TASK, f"No task {task_id!r}")
-        _check_result_source(task, node_id, connection_id, attempt)
-        now = timezone.now()
-        elapsed_ms = _ms(now - task.assigned_at) if task.assigned_at else 0
-        if success:
-            task.status = TaskStatus.SUCCEEDED
-            task.result = result
-            task.error = None
-            task.execution_time_ms = execution_time_ms if execution_time_ms is not None else elapsed_ms
-            task.finished_at = now
-            task.deadline_at = None
-            task.save(
-                update_fields=["status", "result", "error", "execution_time_ms", "finished_at", "deadline_at"]
-            )
-            _node_stats(node_id, completed_tasks=1, total_response_time_ms=elapsed_ms)
-            publish_task("task_succeeded", task)
-            return task
-        error = dict(error or {"code": "tool_error", "message": "The node reported a failure"})
-        retryable = bool(error.get("retryable"))
-        task.execution_time_ms = execution_time_ms if execution_time_ms is not None else elapsed_ms
+    outcome = task_complete_many(
+        results=[
+            TaskResult(task_id, node_id, connection_id, success, result, error, execution_time_ms, attempt)
+        ]
+    )[0]
+    if isinstance(outcome, ProtocolError):
+        raise outcome
+    return outcome
+
+
+@transaction.atomic
+def task_complete_many(*, results: list[TaskResult]) -> list[Task | ProtocolError]:
+    """``task_complete`` for results of distinct tasks in one transaction (results
+    streaming in from many nodes cost a few queries per batch plus one UPDATE per
+    task, not a transaction each). One outcome per result, in order: the task, or
+    the ``ProtocolError`` that refused the result (a refused one changes nothing)."""
+    task_ids = [result.task_id for result in results]
+    if len(set(task_ids)) != len(task_ids):
+        raise ValueError("task_complete_many: task ids must be distinct")
+    node_ids = sorted({result.node_id for result in results})
+    if connection.features.has_select_for_update:  # SQLite: BEGIN IMMEDIATE serialises writers
+        list(Node.objects.select_for_update().filter(pk__in=node_ids).order_by("pk").values_list("pk"))
+    tasks = {
+        task.task_id: task for task in Task.objects.select_for_update().filter(pk__in=task_ids).order_by("pk")
+    }
+    now = timezone.now()
+    stats: dict[str, Counter] = {}
+    outcomes: list[Task | ProtocolError] = []
+    for result in results:
+        task = tasks.get(result.task_id)
+        try:
+            if task is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_TASK, f"No task {result.task_id!r}")
+            _check_result_source(task, result.node_id, result.connection_id, result.attempt)
+        except ProtocolError as refusal:
+            outcomes.append(refusal)
+            continue
+        _apply_result(task, result, now, stats.setdefault(result.node_id, Counter()))
+        outcomes.append(task)
+    for node_id, increments in stats.items():
+        _node_stats(node_id, **increments)
+    return outcomes
+
+
+def _apply_result(task: Task, result: TaskResult, now: datetime, node_stats: Counter) -> None:
+    elapsed_ms = _ms(now - task.assigned_at) if task.assigned_at else 0
+    task.execution_time_ms = result.execution_time_ms if result.execution_time_ms is not None else elapsed_ms
+    if result.success:
+        task.status = TaskStatus.SUCCEEDED
+        task.result = result.result
+        task.error = None
+        task.finished_at = now
+        task.deadline_at = None
+        task.save(
+            update_fields=["status", "result", "error", "execution_time_ms", "finished_at", "deadline_at"]
+        )
+        node_stats.update(completed_tasks=1, total_response_time_ms=elapsed_ms)
+        publish_task("task_succeeded", task)
+        return
+    error = dict(result.error or {"code": "tool_error", "message": "The node reported a failure"})
+    node_stats.update(failed_tasks=1)
+    if error.get("retryable"):
         task.save(update_fields=["execution_time_ms"])
-        _node_stats(node_id, failed_tasks=1)
-        if retryable:
-            _retry_or_finish(task, error=error, final_status=TaskStatus.FAILED, now=now)
-        else:
-            task.status = TaskStatus.FAILED
-            task.error = error
-            task.finished_at = now
-            task.deadline_at = None
-            task.save(update_fields=["status", "error", "finished_at", "deadline_at"])
-            publish_task("task_failed", task)
-    return task
+        _retry_or_finish(task, error=error, final_status=TaskStatus.FAILED, now=now)
+    else:
+        task.status = TaskStatus.FAILED
+        task.error = error
+        task.finished_at = now
+        task.deadline_at = None
+        task.save(update_fields=["status", "error", "execution_time_ms", "finished_at", "deadline_at"])
+        publish_task("task_failed", task)
 
 
 # --- staff actions ----------------------------------------------------------------------------

@@ -192,6 +192,37 @@ async def test_duplicate_and_wrong_attempt_results_are_stale(node_socket):
     assert (await load(task.task_id)).result == 1
 
 
+async def test_results_from_many_nodes_at_once_are_written_in_batches_and_each_is_answered(
+    node_socket, monkeypatch
+):
+    batches: list[int] = []
+    real = task_services.task_complete_many
+
+    def counted(*, results):
+        batches.append(len(results))
+        return real(results=results)
+
+    monkeypatch.setattr(task_services, "task_complete_many", counted)
+    nodes = []
+    for i in range(6):
+        node = await node_socket()
+        await node.register(f"n{i}", capabilities=[f"c{i}"])
+        nodes.append(node)
+    tasks = [await submit(capability=f"c{i}") for i in range(6)]
+    for node in nodes:
+        assert (await node.receive())["type"] == "task_assign"
+    # All six results arrive together; n5 answers for n4's task (not its own).
+    for i, node in enumerate(nodes):
+        task_id = tasks[4 if i == 5 else i].task_id
+        await node.send("task_result", {"taskId": task_id, "nodeId": f"n{i}", "success": True, "result": i})
+    replies = [await node.receive_type("task_result_ack") for node in nodes]
+
+    assert [r["data"]["success"] for r in replies] == [True] * 5 + [False]
+    assert replies[5]["data"]["error"]["code"] == "node_mismatch"
+    assert [(await load(task.task_id)).result for task in tasks] == [0, 1, 2, 3, 4, None]
+    assert sum(batches) == 6 and len(batches) < 6  # results that waited shared a batch
+
+
 async def test_bad_task_result_payload_is_invalid(node_socket):
     node = await node_socket()
     await node.register("n1")

@@ -229,6 +229,61 @@ def test_result_refusals():
     assert reload(task).status == "assigned"
 
 
+def result(task_id: str, node_id: str = "n1", success: bool = True, **fields) -> task_services.TaskResult:
+    return task_services.TaskResult(task_id, node_id, f"c-{node_id}", success, **fields)
+
+
+def test_a_batch_of_results_applies_each_and_refuses_only_the_bad_ones(django_capture_on_commit_callbacks):
+    for node_id in ("n1", "n2", "n3"):
+        make_node(node_id, max_concurrent_tasks=5)
+    done_1, done_2 = assigned_task("n1"), assigned_task("n1")
+    failed, retried = assigned_task("n2", max_retries=0), assigned_task("n2", max_retries=3)
+    elsewhere = assigned_task("n3")
+    batch = [
+        result(done_1.task_id, result={"n": 1}, execution_time_ms=40),
+        result("t-none"),
+        result(failed.task_id, "n2", False, error={"code": "boom", "message": "no"}),
+        result(done_2.task_id, result=None),
+        result(elsewhere.task_id, "n1"),  # not this node's task
+        result(retried.task_id, "n2", False, error={"code": "busy", "message": "later", "retryable": True}),
+    ]
+    with django_capture_on_commit_callbacks(execute=True):
+        outcomes = task_services.task_complete_many(results=batch)
+
+    codes = [o.code if isinstance(o, ProtocolError) else o.status for o in outcomes]
+    assert codes == ["succeeded", "unknown_task", "failed", "succeeded", "node_mismatch", "queued"]
+    assert reload(done_1).result == {"n": 1} and reload(done_1).execution_time_ms == 40
+    assert reload(done_2).status == "succeeded" and reload(done_2).result is None
+    assert reload(failed).error == {"code": "boom", "message": "no"} and reload(failed).finished_at
+    assert reload(retried).status == "queued" and reload(retried).attempts == 1
+    assert reload(elsewhere).status == "assigned"  # the refused result changed nothing
+    n1, n2, n3 = (Node.objects.get(pk=node_id) for node_id in ("n1", "n2", "n3"))
+    assert (n1.completed_tasks, n1.failed_tasks) == (2, 0)
+    assert (n2.completed_tasks, n2.failed_tasks) == (0, 2)
+    assert (n3.completed_tasks, n3.failed_tasks) == (0, 0)
+
+
+def test_a_batch_of_results_costs_one_update_per_task(django_assert_max_num_queries):
+    for i in range(4):
+        make_node(f"n{i}", max_concurrent_tasks=5)
+    tasks = [assigned_task(f"n{i % 4}") for i in range(20)]
+    # node lock + task read + 20 task UPDATEs + 4 node statistics UPDATEs (+ the
+    # transaction's own statements); one by one it was ~5 queries per result.
+    with django_assert_max_num_queries(28):
+        outcomes = task_services.task_complete_many(
+            results=[result(task.task_id, f"n{i % 4}") for i, task in enumerate(tasks)]
+        )
+    assert [o.status for o in outcomes] == ["succeeded"] * 20
+    assert sum(Node.objects.values_list("completed_tasks", flat=True)) == 20
+
+
+def test_a_batch_names_each_task_once():
+    task = assigned_task()
+    with pytest.raises(ValueError):
+        task_services.task_complete_many(results=[result(task.task_id), result(task.task_id)])
+    assert reload(task).status == "assigned"
+
+
 def test_retryable_failure_backs_off_exponentially(task_settings):
     task = assigned_task(max_retries=5)
     before = timezone.now()
