@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -195,23 +195,48 @@ def node_flush_heartbeats(records: list[HeartbeatRecord]) -> list[str]:
             if record.resources is not None:
                 fields["reported_resources"] = record.resources
             Node.objects.filter(pk=record.node_id, connection_id=record.connection_id).update(**fields)
-        offline = Node.objects.filter(pk__in=[r.node_id for r in records], status=NodeStatus.OFFLINE).exclude(
-            connection_id=""
-        )
         by_id = {r.node_id: r.connection_id for r in records}
-        for node in offline:
-            if by_id.get(node.node_id) != node.connection_id:
+        for node_id, connection_id in _offline_but_connected(list(by_id)):
+            if by_id[node_id] != connection_id:
                 continue
-            if Node.objects.filter(
-                pk=node.node_id, connection_id=node.connection_id, status=NodeStatus.OFFLINE
-            ).update(status=NodeStatus.ONLINE):
-                revived.append(node.node_id)
-                node_log_add(node_id=node.node_id, event="status", message="status offline -> online")
-                publish_status(node.node_id, NodeStatus.OFFLINE, NodeStatus.ONLINE)
+            if Node.objects.filter(pk=node_id, connection_id=connection_id, status=NodeStatus.OFFLINE).update(
+                status=NodeStatus.ONLINE
+            ):
+                revived.append(node_id)
+                node_log_add(node_id=node_id, event="status", message="status offline -> online")
+                publish_status(node_id, NodeStatus.OFFLINE, NodeStatus.ONLINE)
     return revived
 
 
 TOUCH_BATCH = 500
+
+
+def _offline_but_connected(node_ids: list[str]) -> list[tuple[str, str]]:
+    """(node id, connection id) of those nodes marked offline while a connection is
+    still theirs. Plain SQL: the ORM took milliseconds of the event loop's GIL to
+    build an ``IN`` of 1,000 ids on every flush, which showed in the heartbeat ack
+    tail (docs/BENCHMARKS.md, session 7)."""
+    table = connection.ops.quote_name(Node._meta.db_table)
+    found: list[tuple[str, str]] = []
+    with connection.cursor() as cursor:
+        for start in range(0, len(node_ids), TOUCH_BATCH):
+            batch = node_ids[start : start + TOUCH_BATCH]
+            placeholders = ", ".join(["%s"] * len(batch))
+            cursor.execute(
+                f"SELECT node_id, connection_id FROM {table} "  # noqa: S608 - placeholders only
+                f"WHERE status = %s AND connection_id <> '' AND node_id IN ({placeholders})",
+                [NodeStatus.OFFLINE.value, *batch],
+            )
+            found.extend(cursor.fetchall())
+    return found
+
+
+def _sqlite_datetime(value: datetime) -> str:
+    """What Django stores on SQLite for an aware datetime (naive UTC text), without
+    its per-value time-zone conversion (1,000 of them per flush)."""
+    if value.tzinfo is UTC:
+        return str(value.replace(tzinfo=None))
+    return connection.ops.adapt_datetimefield_value(value)
 
 
 def _touch_heartbeats(records: list[HeartbeatRecord]) -> None:
@@ -227,6 +252,8 @@ def _touch_heartbeats(records: list[HeartbeatRecord]) -> None:
             )
         return
     table = connection.ops.quote_name(Node._meta.db_table)
+    sqlite_utc = vendor == "sqlite" and connection.timezone is UTC
+    adapt = _sqlite_datetime if sqlite_utc else connection.ops.adapt_datetimefield_value
     for start in range(0, len(records), TOUCH_BATCH):
         batch = records[start : start + TOUCH_BATCH]
         params: list[Any] = []
@@ -234,7 +261,7 @@ def _touch_heartbeats(records: list[HeartbeatRecord]) -> None:
             params += [
                 record.node_id,
                 record.connection_id,
-                connection.ops.adapt_datetimefield_value(record.at),
+                adapt(record.at),
             ]
         if vendor == "postgresql":
             values = ", ".join(["(%s, %s, %s::timestamptz)"] * len(batch))

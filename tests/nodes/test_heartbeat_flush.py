@@ -52,6 +52,39 @@ def test_a_flush_of_more_than_one_batch_touches_every_node_on_its_own_connection
         assert nodes[f"hb-{i}"].last_seen == expected, i
 
 
+def test_a_flush_brings_back_online_the_nodes_marked_offline_while_still_connected():
+    # Given nodes the sweep marked offline although their sockets stayed open, in
+    # more than one batch, and one whose connection has since gone
+    count = services.TOUCH_BATCH + 3
+    make_nodes(count)
+    silent = [0, 7, services.TOUCH_BATCH + 1]
+    Node.objects.filter(node_id__in=[f"hb-{i}" for i in silent]).update(status="offline")
+    Node.objects.filter(node_id="hb-7").update(connection_id="c-newer")
+    at = datetime.now(UTC)
+    records = [services.HeartbeatRecord(f"hb-{i}", f"c-{i}", at) for i in range(count)]
+    # When their heartbeats are flushed
+    revived = services.node_flush_heartbeats(records)
+    # Then those still on the connection that heartbeated are online again
+    assert sorted(revived) == ["hb-0", f"hb-{services.TOUCH_BATCH + 1}"]
+    assert Node.objects.get(pk="hb-7").status == "offline"
+    assert Node.objects.filter(status="online").count() == count - 1
+
+
+@pytest.mark.parametrize("microsecond", [0, 1, 999999])
+def test_heartbeat_times_are_stored_as_django_stores_them(microsecond):
+    from django.db import connection
+
+    at = datetime(2026, 11, 28, 12, 0, 5, microsecond, tzinfo=UTC)
+    if connection.vendor == "sqlite":
+        assert services._sqlite_datetime(at) == connection.ops.adapt_datetimefield_value(at)
+    make_nodes(1)
+    services.node_flush_heartbeats([services.HeartbeatRecord("hb-0", "c-0", at)])
+    # Django's own lookups compare with the stored text: equal, and ordered
+    assert Node.objects.filter(last_heartbeat=at).count() == 1
+    assert Node.objects.filter(last_heartbeat__lt=at + timedelta(microseconds=1)).count() == 1
+    assert Node.objects.filter(last_heartbeat__gt=at - timedelta(microseconds=1)).count() == 1
+
+
 def test_stats_are_written_when_they_change_and_not_when_they_repeat(monkeypatch):
     make_nodes(1)
     runtime = HubRuntime()
