@@ -81,7 +81,7 @@ def main() -> None:
     from rest_framework.authtoken.models import Token
 
     from apexbridge.asgi import application
-    from nodes import events, task_queue, task_services
+    from nodes import events, task_queue, task_result_services, task_services
     from nodes.auth import node_key_create
     from nodes.models import Node, Task
 
@@ -116,7 +116,7 @@ def main() -> None:
     def submit_claim_complete() -> None:
         queued = task_services.task_submit(tool_name="echo", tool_args={"i": 1}).task
         task_queue.claim_task(queued.task_id, "floor")
-        task_services.task_complete(
+        task_result_services.task_complete(
             task_id=queued.task_id, node_id="floor", connection_id="c-floor", success=True, result={"i": 1}
         )
 

@@ -81,18 +81,20 @@ def main() -> None:
         return
     if not PY_SPY.exists():
         raise SystemExit("py-spy is not installed: .venv/bin/pip install -r requirements-bench.txt")
-    bench = Bench()
     raw = args.raw or Path(tempfile.mkstemp(suffix=".txt", prefix="apexbridge-profile-")[1])
-    stack = contextlib.ExitStack()
-    try:
+    with contextlib.ExitStack() as stack:  # stops the hub, then the upstream, whatever fails
         if args.mode == "llm":  # a loopback upstream, and the hub's model pointed at it
             from bench_llm import LLM_ENV, start_upstream
 
             upstream, api_base = start_upstream(chunks=50)
             stack.callback(lambda: (upstream.kill(), upstream.wait()))
+            bench = Bench()
+            stack.callback(bench.close)
             hub = bench.hub(args.backend, env={**LLM_ENV, "APEXBRIDGE_LLM_API_BASE": api_base})
             load_args = ["--upstream", api_base, "--model", LLM_ENV["APEXBRIDGE_LLM_MODEL"], *load_args]
         else:
+            bench = Bench()
+            stack.callback(bench.close)
             hub = bench.hub(args.backend)
         connection = ["--url", hub.node_url(), "--http", hub.http_url, "--token", hub.staff_token()]
         command = [str(PY_SPY), "record", "--pid", str(hub.process.pid), "--rate", str(args.sample_rate)]
@@ -105,9 +107,6 @@ def main() -> None:
         finally:
             spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
             spy.wait(timeout=60)
-    finally:
-        bench.close()
-        stack.close()
     total, rows = summarize(raw, args.top, args.focus, args.by_self)
     print_table(
         machine_header(f"profile_hub — {args.mode} {' '.join(load_args)} ({args.backend})"),

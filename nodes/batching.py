@@ -14,9 +14,10 @@ done (for a registration: committed).
   connection takes over).
 - ``key_checks``: ``auth.authenticate_keys`` (per-node keys; the shared key needs
   no database and is checked on the event loop).
-- ``task_results``: ``task_services.task_complete_many`` (results streaming in from
-  many nodes); a task id appears once per batch (a repeat is then answered
-  ``stale_result``, as it would be one after the other).
+- ``task_results``: ``task_result_services.task_complete_many`` (results streaming
+  in from many nodes); a task id appears once per batch (a repeat is then answered
+  ``stale_result``, as it would be one after the other). A result is written even
+  if its handler was cancelled while it waited.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 from apexbridge.db.hops import database_sync_to_async
-from nodes import auth, registration_services, task_services
-from nodes.service_health import is_database_outage
+from nodes import auth, registration_services, task_result_services
+from nodes.service_health import is_database_outage, is_lock_conflict
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ class DatabaseBatcher(Generic[Item]):
     item, in order (an ``Exception`` outcome is raised to that item's caller). If it
     raises, a database outage is the outcome of every item of the batch; anything
     else (one bad item) makes each item be handled again on its own, so only the bad
-    one fails. ``key(item)``, if given, may appear once per batch.
+    one fails. ``key(item)``, if given, may appear once per batch. An item whose
+    caller went away before its batch is dropped, unless ``handle_abandoned`` (then
+    it is handled and its outcome discarded).
     """
 
     def __init__(
@@ -59,11 +62,13 @@ class DatabaseBatcher(Generic[Item]):
         what: str,
         max_batch: int = MAX_BATCH,
         key: Callable[[Item], Hashable] | None = None,
+        handle_abandoned: bool = False,
     ) -> None:
         self.handle_many = handle_many
         self.what = what
         self.max_batch = max_batch
         self.key = key
+        self.handle_abandoned = handle_abandoned
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: deque[tuple[Item, asyncio.Future]] = deque()
         self._worker: asyncio.Task | None = None
@@ -107,14 +112,13 @@ class DatabaseBatcher(Generic[Item]):
 
     def _take_batch(self) -> list[tuple[Item, asyncio.Future]]:
         """Up to ``max_batch`` items, oldest first, each key once (a repeat stays
-        first in line for the next batch). An item whose caller went away before its
-        batch is dropped unhandled."""
+        first in line for the next batch)."""
         batch: list[tuple[Item, asyncio.Future]] = []
         repeats: list[tuple[Item, asyncio.Future]] = []
         keys: set[Hashable] = set()
         while self._pending and len(batch) < self.max_batch:
             item, future = entry = self._pending.popleft()
-            if future.cancelled():
+            if future.cancelled() and not self.handle_abandoned:
                 continue
             if self.key is None:
                 batch.append(entry)
@@ -128,10 +132,17 @@ class DatabaseBatcher(Generic[Item]):
         self._pending.extendleft(reversed(repeats))
         return batch
 
-    async def _handle(self, items: list[Item]) -> list[Any]:
+    async def _handle(self, items: list[Item], *, conflicts: int = 0) -> list[Any]:
         try:
             return await database_sync_to_async(self.handle_many)(items)
         except Exception as exc:
+            if is_lock_conflict(exc) and conflicts < 2:
+                # A deadlock with another process's batch: the same items again
+                # (PostgreSQL has already rolled the other side back or let it pass).
+                logger.info(
+                    "a batch of %d %s met a lock conflict (%s); trying again", len(items), self.what, exc
+                )
+                return await self._handle(items, conflicts=conflicts + 1)
             if len(items) == 1 or is_database_outage(exc):
                 return [exc] * len(items)
             logger.warning(
@@ -154,8 +165,8 @@ def _register_many(items: list[registration_services.NodeRegistration]) -> list[
     return registration_services.node_register_many(registrations=items)
 
 
-def _complete_many(items: list[task_services.TaskResult]) -> list[Any]:
-    return task_services.task_complete_many(results=items)
+def _complete_many(items: list[task_result_services.TaskResult]) -> list[Any]:
+    return task_result_services.task_complete_many(results=items)
 
 
 def _authenticate_many(items: list[str]) -> list[Any]:
@@ -166,6 +177,8 @@ registrations: DatabaseBatcher[registration_services.NodeRegistration] = Databas
     _register_many, what="registrations", key=lambda registration: registration.node_id
 )
 key_checks: DatabaseBatcher[str] = DatabaseBatcher(_authenticate_many, what="key checks")
-task_results: DatabaseBatcher[task_services.TaskResult] = DatabaseBatcher(
-    _complete_many, what="task results", key=lambda result: result.task_id
+# A result is applied even if its socket's handler was cancelled while it waited
+# (a hub shutting down): the node's work is done and must not be lost.
+task_results: DatabaseBatcher[task_result_services.TaskResult] = DatabaseBatcher(
+    _complete_many, what="task results", key=lambda result: result.task_id, handle_abandoned=True
 )

@@ -89,7 +89,11 @@ def node_register_many(*, registrations: list[NodeRegistration]) -> list[Registr
     if len(set(node_ids)) != len(node_ids):
         raise ValueError("node_register_many: node ids must be distinct")
     now = timezone.now()
-    existing = {node.node_id: node for node in Node.objects.select_for_update().filter(pk__in=node_ids)}
+    # Locked in node-id order, as task results lock nodes: two processes' batches
+    # cannot deadlock.
+    existing = {
+        node.node_id: node for node in Node.objects.select_for_update().filter(pk__in=node_ids).order_by("pk")
+    }
     node_count: int | None = None
     outcomes: list[RegistrationResult | ProtocolError] = []
     applied: list[tuple[NodeRegistration, RegistrationResult, str, str]] = []

@@ -85,6 +85,17 @@ def is_database_outage(exc: BaseException) -> bool:
     return isinstance(exc, (OperationalError, InterfaceError))
 
 
+# PostgreSQL's deadlock_detected and serialization_failure: raised as OperationalError
+# (so ``is_database_outage`` says yes), but the database is fine and the same work,
+# tried again, goes through.
+LOCK_CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """Another transaction got in the way (a deadlock), not an unreachable database."""
+    return getattr(exc.__cause__, "sqlstate", None) in LOCK_CONFLICT_SQLSTATES
+
+
 async def ping_layer(layer: Any) -> None:
     """Raise unless the channel layer answers (a no-op for layers without a server)."""
     connection = getattr(layer, "connection", None)  # channels_redis: one client per shard

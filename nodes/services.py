@@ -184,6 +184,8 @@ def node_flush_heartbeats(records: list[HeartbeatRecord]) -> list[str]:
     if not records:
         return revived
     with transaction.atomic():
+        # Rows are updated (and locked) in node-id order, as other batches lock them.
+        records = sorted(records, key=lambda r: r.node_id)
         plain = [r for r in records if r.stats is None and r.resources is None]
         _touch_heartbeats(plain)
         for record in records:
@@ -232,9 +234,9 @@ def _offline_but_connected(node_ids: list[str]) -> list[tuple[str, str]]:
 
 
 def _sqlite_datetime(value: datetime) -> str:
-    """What Django stores on SQLite for an aware datetime (naive UTC text), without
-    its per-value time-zone conversion (1,000 of them per flush)."""
-    if value.tzinfo is UTC:
+    """What Django stores on SQLite for a datetime (naive text in the database's time
+    zone), without its per-value conversion when both are UTC (1,000 per flush)."""
+    if value.tzinfo is UTC and connection.timezone is UTC:
         return str(value.replace(tzinfo=None))
     return connection.ops.adapt_datetimefield_value(value)
 
@@ -252,8 +254,7 @@ def _touch_heartbeats(records: list[HeartbeatRecord]) -> None:
             )
         return
     table = connection.ops.quote_name(Node._meta.db_table)
-    sqlite_utc = vendor == "sqlite" and connection.timezone is UTC
-    adapt = _sqlite_datetime if sqlite_utc else connection.ops.adapt_datetimefield_value
+    adapt = _sqlite_datetime if vendor == "sqlite" else connection.ops.adapt_datetimefield_value
     for start in range(0, len(records), TOUCH_BATCH):
         batch = records[start : start + TOUCH_BATCH]
         params: list[Any] = []

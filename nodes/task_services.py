@@ -1,11 +1,14 @@
-"""Task services (PROTOCOL §3): submission, results, time-outs, retries, lost nodes,
-cancellation and re-queueing. The dispatch pass lives in ``nodes.task_queue`` and is
-re-exported here (``task_dispatch_pending``) for the runtime and the admin.
+"""Task services (PROTOCOL §3): submission, time-outs, retries, lost nodes,
+cancellation and re-queueing. Results are ``nodes.task_result_services``; the
+dispatch pass lives in ``nodes.task_queue`` and is re-exported here
+(``task_dispatch_pending``) for the runtime and the admin.
 
 The database is the truth. Every write that touches a node row and a task row locks
-the node first and the task second (as the dispatch pass does), so concurrent hub
-processes cannot deadlock each other; sweeps use ``skip_locked`` and conditional
-filters so several processes may run them at once.
+the node first and the task second (as the dispatch pass does), and writes that lock
+many rows of a kind lock them in id order, so hub processes do not deadlock each
+other (should PostgreSQL still report one, a batch is tried again:
+``nodes.batching``); sweeps use ``skip_locked`` and conditional filters so several
+processes may run them at once.
 
 Frames for nodes are returned (or sent after commit) as ``(channel_name, message)``
 pairs: the channel layer only carries the nudge. A lost ``task_assign`` costs one
@@ -16,19 +19,18 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
 from nodes.models import Node, NodeProtocol, Task, TaskStatus
-from nodes.protocol import ErrorCode, ProtocolError, task_cancel_data
+from nodes.protocol import task_cancel_data
 from nodes.task_queue import (
     NODE_FIELDS,
     SWEEP_BATCH,
@@ -43,13 +45,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SubmitResult",
-    "TaskResult",
     "TaskError",
     "TaskStateError",
     "TaskValidationError",
     "task_cancel",
-    "task_complete",
-    "task_complete_many",
     "task_dispatch_pending",
     "task_release_node_attempts",
     "task_requeue",
@@ -93,7 +92,7 @@ def new_task_id() -> str:
     return f"t-{uuid.uuid4().hex}"
 
 
-def _ms(delta: timedelta) -> int:
+def timedelta_ms(delta: timedelta) -> int:
     return max(int(delta.total_seconds() * 1000), 0)
 
 
@@ -150,7 +149,7 @@ def dispatch_and_send() -> None:
         logger.warning("dispatch pass failed; the next sweep retries", exc_info=True)
 
 
-def _node_stats(node_id: str, **increments: int) -> None:
+def node_stats_add(node_id: str, **increments: int) -> None:
     if node_id:
         Node.objects.filter(pk=node_id).update(
             **{name: F(name) + value for name, value in increments.items()}
@@ -230,7 +229,7 @@ def task_submit(
 
 
 # --- attempts that end without a result ------------------------------------------------------
-def _retry_or_finish(task: Task, *, error: dict[str, Any], final_status: str, now: datetime) -> None:
+def retry_or_finish(task: Task, *, error: dict[str, Any], final_status: str, now: datetime) -> None:
     """End the current attempt: back to the queue if ``attempts <= maxRetries``
     (after the back-off), otherwise the task ends with ``final_status``. The caller
     holds the task row lock."""
@@ -288,10 +287,10 @@ def task_release_node_attempts(*, node_id: str, connection_id: str | None, reaso
                 "code": "node_lost",
                 "message": f"node {node_id} was lost during attempt {task.attempts} ({reason})",
             }
-            _retry_or_finish(task, error=error, final_status=TaskStatus.FAILED, now=now)
+            retry_or_finish(task, error=error, final_status=TaskStatus.FAILED, now=now)
             released += 1
         if released:
-            _node_stats(node_id, failed_tasks=released)
+            node_stats_add(node_id, failed_tasks=released)
             logger.info("node %s (%s): %d attempt(s) released", node_id, reason, released)
     if cancels:
         transaction.on_commit(lambda: send_outgoing(cancels))
@@ -316,7 +315,9 @@ def task_return_undelivered(assignments: list[tuple[str, int]], reason: str) -> 
     that has moved on since is left alone. Returns how many went back."""
     returned = 0
     for task_id, attempt in assignments:
+        assigned_node_id = Task.objects.filter(pk=task_id).values_list("assigned_node_id", flat=True).first()
         with transaction.atomic():
+            lock_node(assigned_node_id or "")  # node first, task second, as every writer
             task = (
                 Task.objects.select_for_update()
                 .filter(pk=task_id, status=TaskStatus.ASSIGNED, attempts=attempt)
@@ -381,8 +382,8 @@ def task_sweep_timeouts() -> Outgoing:
                         f"attempt {task.attempts} on node {node_id} got no result within {task.timeout_ms} ms"
                     ),
                 }
-                _retry_or_finish(task, error=error, final_status=TaskStatus.TIMED_OUT, now=now)
-                _node_stats(node_id, failed_tasks=1)
+                retry_or_finish(task, error=error, final_status=TaskStatus.TIMED_OUT, now=now)
+                node_stats_add(node_id, failed_tasks=1)
         except DatabaseError:
             logger.warning("time-out of task %s not applied; the next sweep retries", task_id, exc_info=True)
     _sweep_orphans(now)
@@ -417,131 +418,11 @@ def _sweep_orphans(now: datetime) -> None:
                     "code": "node_lost",
                     "message": f"connection of node {node_id} for attempt {task.attempts} is gone",
                 }
-                _retry_or_finish(task, error=error, final_status=TaskStatus.FAILED, now=now)
-                _node_stats(node_id, failed_tasks=1)
+                retry_or_finish(task, error=error, final_status=TaskStatus.FAILED, now=now)
+                node_stats_add(node_id, failed_tasks=1)
                 logger.info("task %s: its connection is gone; attempt released", task_id)
         except DatabaseError:
             logger.warning("orphaned task %s not released; the next sweep retries", task_id, exc_info=True)
-
-
-# --- results -----------------------------------------------------------------------------
-def _check_result_source(task: Task, node_id: str, connection_id: str, attempt: int | None) -> None:
-    if node_id != task.assigned_node_id and node_id not in (task.tried_node_ids or []):
-        raise ProtocolError(
-            ErrorCode.NODE_MISMATCH, f"Task {task.task_id} was not assigned to node {node_id!r}"
-        )
-    if task.status != TaskStatus.ASSIGNED or task.assigned_node_id != node_id:
-        raise ProtocolError(
-            ErrorCode.STALE_RESULT,
-            f"Task {task.task_id} is {task.status}; this node's attempt is no longer current",
-        )
-    if task.assigned_connection_id != connection_id:
-        raise ProtocolError(ErrorCode.STALE_RESULT, f"Task {task.task_id} was assigned on another connection")
-    if attempt is not None and attempt != task.attempts:
-        raise ProtocolError(
-            ErrorCode.STALE_RESULT, f"Task {task.task_id} is on attempt {task.attempts}, not {attempt}"
-        )
-
-
-@dataclass
-class TaskResult:
-    """A node's result for one attempt (``task_result`` or VCP ``tool_result``)."""
-
-    task_id: str
-    node_id: str
-    connection_id: str
-    success: bool
-    result: Any = None
-    error: dict[str, Any] | None = None
-    execution_time_ms: int | None = None
-    attempt: int | None = None
-
-
-def task_complete(
-    *,
-    task_id: str,
-    node_id: str,
-    connection_id: str,
-    success: bool,
-    result: Any = None,
-    error: dict[str, Any] | None = None,
-    execution_time_ms: int | None = None,
-    attempt: int | None = None,
-) -> Task:
-    """Accept a node's result for the current attempt (``task_result`` or VCP
-    ``tool_result``). Raises ``ProtocolError`` (``unknown_task``, ``node_mismatch``,
-    ``stale_result``) and changes nothing for any other result."""
-    outcome = task_complete_many(
-        results=[
-            TaskResult(task_id, node_id, connection_id, success, result, error, execution_time_ms, attempt)
-        ]
-    )[0]
-    if isinstance(outcome, ProtocolError):
-        raise outcome
-    return outcome
-
-
-@transaction.atomic
-def task_complete_many(*, results: list[TaskResult]) -> list[Task | ProtocolError]:
-    """``task_complete`` for results of distinct tasks in one transaction (results
-    streaming in from many nodes cost a few queries per batch plus one UPDATE per
-    task, not a transaction each). One outcome per result, in order: the task, or
-    the ``ProtocolError`` that refused the result (a refused one changes nothing)."""
-    task_ids = [result.task_id for result in results]
-    if len(set(task_ids)) != len(task_ids):
-        raise ValueError("task_complete_many: task ids must be distinct")
-    node_ids = sorted({result.node_id for result in results})
-    if connection.features.has_select_for_update:  # SQLite: BEGIN IMMEDIATE serialises writers
-        list(Node.objects.select_for_update().filter(pk__in=node_ids).order_by("pk").values_list("pk"))
-    tasks = {
-        task.task_id: task for task in Task.objects.select_for_update().filter(pk__in=task_ids).order_by("pk")
-    }
-    now = timezone.now()
-    stats: dict[str, Counter] = {}
-    outcomes: list[Task | ProtocolError] = []
-    for result in results:
-        task = tasks.get(result.task_id)
-        try:
-            if task is None:
-                raise ProtocolError(ErrorCode.UNKNOWN_TASK, f"No task {result.task_id!r}")
-            _check_result_source(task, result.node_id, result.connection_id, result.attempt)
-        except ProtocolError as refusal:
-            outcomes.append(refusal)
-            continue
-        _apply_result(task, result, now, stats.setdefault(result.node_id, Counter()))
-        outcomes.append(task)
-    for node_id, increments in stats.items():
-        _node_stats(node_id, **increments)
-    return outcomes
-
-
-def _apply_result(task: Task, result: TaskResult, now: datetime, node_stats: Counter) -> None:
-    elapsed_ms = _ms(now - task.assigned_at) if task.assigned_at else 0
-    task.execution_time_ms = result.execution_time_ms if result.execution_time_ms is not None else elapsed_ms
-    if result.success:
-        task.status = TaskStatus.SUCCEEDED
-        task.result = result.result
-        task.error = None
-        task.finished_at = now
-        task.deadline_at = None
-        task.save(
-            update_fields=["status", "result", "error", "execution_time_ms", "finished_at", "deadline_at"]
-        )
-        node_stats.update(completed_tasks=1, total_response_time_ms=elapsed_ms)
-        publish_task("task_succeeded", task)
-        return
-    error = dict(result.error or {"code": "tool_error", "message": "The node reported a failure"})
-    node_stats.update(failed_tasks=1)
-    if error.get("retryable"):
-        task.save(update_fields=["execution_time_ms"])
-        _retry_or_finish(task, error=error, final_status=TaskStatus.FAILED, now=now)
-    else:
-        task.status = TaskStatus.FAILED
-        task.error = error
-        task.finished_at = now
-        task.deadline_at = None
-        task.save(update_fields=["status", "error", "execution_time_ms", "finished_at", "deadline_at"])
-        publish_task("task_failed", task)
 
 
 # --- staff actions ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import asyncio
 import threading
 
 import pytest
+from channels.db import database_sync_to_async
 from django.db import IntegrityError, OperationalError, connections, transaction
 
 from nodes import registration_services
@@ -254,6 +255,66 @@ async def test_a_registration_whose_connection_went_away_before_its_batch_is_not
     assert (await first).node.node_id == "first"
     await batcher._worker  # every batch handled
     assert await Node.objects.filter(pk="gone").aexists() is False
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_task_result_whose_handler_was_cancelled_while_waiting_is_still_applied(monkeypatch):
+    from nodes import task_queue, task_result_services, task_services
+    from nodes.batching import task_results
+    from nodes.models import Task
+
+    def assigned(task_id: str) -> str:
+        Node.objects.get_or_create(
+            node_id="n1",
+            defaults={"name": "n1", "status": "online", "connection_id": "c-n1", "channel_name": "x"},
+        )
+        Node.objects.filter(pk="n1").update(max_concurrent_tasks=5)
+        task = task_services.task_submit(tool_name="echo", idempotency_key=task_id).task
+        task_queue.claim_task(task.task_id, "n1")
+        return task.task_id
+
+    first_id, late_id = [await database_sync_to_async(assigned)(key) for key in ("a", "b")]
+    started, release = asyncio.Event(), asyncio.Event()
+    batcher = task_results  # the hub's own: results whose handler went away are still written
+
+    async def first_batch_waits(results, **kwargs):
+        started.set()
+        await release.wait()
+        return await DatabaseBatcher._handle(batcher, results, **kwargs)
+
+    monkeypatch.setattr(batcher, "_handle", first_batch_waits)
+    first = asyncio.create_task(
+        batcher.submit(task_result_services.TaskResult(first_id, "n1", "c-n1", True, result=1))
+    )
+    await started.wait()
+    # The hub shuts down while this result waits for the next batch
+    late = asyncio.create_task(
+        batcher.submit(task_result_services.TaskResult(late_id, "n1", "c-n1", True, result=2))
+    )
+    await asyncio.sleep(0)
+    late.cancel()
+    release.set()
+    assert (await first).status == "succeeded"
+    await batcher._worker
+    # The node's work is not lost: its result is written all the same
+    assert (await Task.objects.aget(pk=late_id)).result == 2
+
+
+async def test_a_batch_that_meets_a_deadlock_is_tried_again_not_reported_as_an_outage():
+    class Deadlock(Exception):
+        sqlstate = "40P01"
+
+    attempts: list[list[int]] = []
+
+    def handle_many(items):
+        attempts.append(list(items))
+        if len(attempts) == 1:
+            raise OperationalError("deadlock detected") from Deadlock()
+        return [item * 10 for item in items]
+
+    batcher = DatabaseBatcher(handle_many, what="numbers")
+    assert await asyncio.gather(batcher.submit(1), batcher.submit(2)) == [10, 20]
+    assert attempts == [[1, 2], [1, 2]]  # the batch, then the same batch again
 
 
 # --- handshake key checks ------------------------------------------------------------------

@@ -126,3 +126,17 @@ def test_a_new_connection_writes_its_stats_even_if_equal(monkeypatch):
     runtime.record_heartbeat("hb-0", "c-new", {"activeTasks": 1})
     async_to_sync(runtime.flush_heartbeats)()
     assert Node.objects.get(pk="hb-0").reported_stats == {"activeTasks": 1}
+
+
+def test_heartbeat_times_follow_a_database_time_zone_other_than_utc(monkeypatch):
+    from zoneinfo import ZoneInfo
+
+    from django.db import connections
+
+    connection = connections["default"]  # the wrapper itself, not the proxy
+    if connection.vendor != "sqlite":
+        pytest.skip("the text form is SQLite's; PostgreSQL stores timestamptz")
+    monkeypatch.setitem(connection.__dict__, "timezone", ZoneInfo("Europe/Berlin"))  # DATABASES TIME_ZONE
+    at = datetime(2026, 11, 28, 12, 0, 5, 250, tzinfo=UTC)
+    assert services._sqlite_datetime(at) == connection.ops.adapt_datetimefield_value(at)
+    assert services._sqlite_datetime(at).startswith("2026-11-28 13:00:05")

@@ -16,7 +16,7 @@ from django.core.management.base import CommandError
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from nodes import task_services
+from nodes import task_result_services, task_services
 from nodes.models import Node, Task
 
 
@@ -160,7 +160,7 @@ def finish_later(task_id: str, delay: float) -> threading.Thread:
 
         time.sleep(delay)
         try:
-            task_services.task_complete(
+            task_result_services.task_complete(
                 task_id=task_id, node_id="n1", connection_id="c-n1", success=True, result={"done": True}
             )
         finally:

@@ -11,7 +11,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.utils import timezone
 
-from nodes import services, task_services
+from nodes import services, task_result_services, task_services
 from nodes.models import Node, Task
 from nodes.runtime import runtime
 from tests.conftest import TEST_SHARED_KEY
@@ -196,13 +196,13 @@ async def test_results_from_many_nodes_at_once_are_written_in_batches_and_each_i
     node_socket, monkeypatch
 ):
     batches: list[int] = []
-    real = task_services.task_complete_many
+    real = task_result_services.task_complete_many
 
     def counted(*, results):
         batches.append(len(results))
         return real(results=results)
 
-    monkeypatch.setattr(task_services, "task_complete_many", counted)
+    monkeypatch.setattr(task_result_services, "task_complete_many", counted)
     nodes = []
     for i in range(6):
         node = await node_socket()

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from nodes import events, selectors, task_queue, task_services
+from nodes import events, selectors, task_queue, task_result_services, task_services
 from nodes.models import Node, Task
 from nodes.protocol import ProtocolError
 
@@ -204,7 +204,7 @@ def assigned_task(node_id="n1", **fields) -> Task:
 def test_success_updates_node_statistics():
     task = assigned_task()
     Task.objects.filter(pk=task.pk).update(assigned_at=timezone.now() - timedelta(milliseconds=500))
-    task_services.task_complete(
+    task_result_services.task_complete(
         task_id=task.task_id, node_id="n1", connection_id="c-n1", success=True, result=5
     )
     node = Node.objects.get(pk="n1")
@@ -216,7 +216,7 @@ def test_success_updates_node_statistics():
 def test_result_refusals():
     task = assigned_task()
     make_node("n2")
-    complete = task_services.task_complete
+    complete = task_result_services.task_complete
     with pytest.raises(ProtocolError) as unknown:
         complete(task_id="t-none", node_id="n1", connection_id="c-n1", success=True)
     assert unknown.value.code == "unknown_task"
@@ -229,8 +229,10 @@ def test_result_refusals():
     assert reload(task).status == "assigned"
 
 
-def result(task_id: str, node_id: str = "n1", success: bool = True, **fields) -> task_services.TaskResult:
-    return task_services.TaskResult(task_id, node_id, f"c-{node_id}", success, **fields)
+def result(
+    task_id: str, node_id: str = "n1", success: bool = True, **fields
+) -> task_result_services.TaskResult:
+    return task_result_services.TaskResult(task_id, node_id, f"c-{node_id}", success, **fields)
 
 
 def test_a_batch_of_results_applies_each_and_refuses_only_the_bad_ones(django_capture_on_commit_callbacks):
@@ -247,8 +249,13 @@ def test_a_batch_of_results_applies_each_and_refuses_only_the_bad_ones(django_ca
         result(elsewhere.task_id, "n1"),  # not this node's task
         result(retried.task_id, "n2", False, error={"code": "busy", "message": "later", "retryable": True}),
     ]
-    with django_capture_on_commit_callbacks(execute=True):
-        outcomes = task_services.task_complete_many(results=batch)
+    with django_capture_on_commit_callbacks() as callbacks:
+        outcomes = task_result_services.task_complete_many(results=batch)
+    sent: list[dict] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(events, "_send_now", sent.append)
+        for callback in callbacks:
+            callback()
 
     codes = [o.code if isinstance(o, ProtocolError) else o.status for o in outcomes]
     assert codes == ["succeeded", "unknown_task", "failed", "succeeded", "node_mismatch", "queued"]
@@ -261,6 +268,14 @@ def test_a_batch_of_results_applies_each_and_refuses_only_the_bad_ones(django_ca
     assert (n1.completed_tasks, n1.failed_tasks) == (2, 0)
     assert (n2.completed_tasks, n2.failed_tasks) == (0, 2)
     assert (n3.completed_tasks, n3.failed_tasks) == (0, 0)
+    assert 0 <= n1.total_response_time_ms < 5000 and n2.total_response_time_ms == 0
+    # One event per applied result, in the batch's order; none for the refused ones
+    assert [(e["event"], e["data"]["task"]["taskId"]) for e in sent if e["event"].startswith("task_")] == [
+        ("task_succeeded", done_1.task_id),
+        ("task_failed", failed.task_id),
+        ("task_succeeded", done_2.task_id),
+        ("task_retried", retried.task_id),
+    ]
 
 
 def test_a_batch_of_results_costs_one_update_per_task(django_assert_max_num_queries):
@@ -270,24 +285,45 @@ def test_a_batch_of_results_costs_one_update_per_task(django_assert_max_num_quer
     # node lock + task read + 20 task UPDATEs + 4 node statistics UPDATEs (+ the
     # transaction's own statements); one by one it was ~5 queries per result.
     with django_assert_max_num_queries(28):
-        outcomes = task_services.task_complete_many(
+        outcomes = task_result_services.task_complete_many(
             results=[result(task.task_id, f"n{i % 4}") for i, task in enumerate(tasks)]
         )
     assert [o.status for o in outcomes] == ["succeeded"] * 20
     assert sum(Node.objects.values_list("completed_tasks", flat=True)) == 20
 
 
+def test_a_batch_locks_its_nodes_before_its_tasks_each_in_id_order():
+    """The lock order every writer keeps (node first, then task; each kind in id
+    order), so two hub processes' batches cannot deadlock."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    if not connection.features.has_select_for_update:
+        pytest.skip("SQLite has no row locks: BEGIN IMMEDIATE lets one writer in")
+    for node_id in ("n1", "n2"):
+        make_node(node_id, max_concurrent_tasks=5)
+    tasks = [assigned_task("n2"), assigned_task("n1")]
+    with CaptureQueriesContext(connection) as queries:
+        task_result_services.task_complete_many(
+            results=[result(tasks[0].task_id, "n2"), result(tasks[1].task_id)]
+        )
+    locks = [query["sql"] for query in queries if "FOR UPDATE" in query["sql"]]
+    assert len(locks) == 2
+    assert '"nodes_node"' in locks[0] and "ORDER BY" in locks[0]
+    assert '"nodes_task"' in locks[1] and "ORDER BY" in locks[1]
+
+
 def test_a_batch_names_each_task_once():
     task = assigned_task()
     with pytest.raises(ValueError):
-        task_services.task_complete_many(results=[result(task.task_id), result(task.task_id)])
+        task_result_services.task_complete_many(results=[result(task.task_id), result(task.task_id)])
     assert reload(task).status == "assigned"
 
 
 def test_retryable_failure_backs_off_exponentially(task_settings):
     task = assigned_task(max_retries=5)
     before = timezone.now()
-    task_services.task_complete(
+    task_result_services.task_complete(
         task_id=task.task_id,
         node_id="n1",
         connection_id="c-n1",
@@ -396,10 +432,12 @@ def test_every_task_event_has_the_task_summary(published, django_capture_on_comm
         task_services.task_dispatch_pending()
         task_services.task_release_node_attempts(node_id="n1", connection_id=None, reason="x")
         task_services.task_dispatch_pending()
-        task_services.task_complete(task_id=a.task_id, node_id="n1", connection_id="c-n1", success=True)
+        task_result_services.task_complete(
+            task_id=a.task_id, node_id="n1", connection_id="c-n1", success=True
+        )
         b = submit(max_retries=0)
         task_services.task_dispatch_pending()
-        task_services.task_complete(
+        task_result_services.task_complete(
             task_id=b.task_id, node_id="n1", connection_id="c-n1", success=False, error={"code": "x"}
         )
         c = submit(max_retries=0)

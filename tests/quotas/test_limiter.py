@@ -124,6 +124,18 @@ def test_streams_are_limited_and_released(backend, node_id):
     assert acquire(node_id, "s3", stream=True) is None
 
 
+def test_the_same_stream_sent_again_keeps_one_slot_with_a_fresh_lease(backend, node_id):
+    policy(node_id, max_concurrent_streams=2)
+    assert acquire(node_id, "s1", stream=True) is None
+    # The same request id again (a node resending it) holds one slot, not two
+    assert acquire(node_id, "s1", stream=True) is None
+    assert acquire(node_id, "s2", stream=True) is None
+    assert acquire(node_id, "s3", stream=True).limit == CONCURRENT_STREAMS
+    if backend == "db":
+        slot = StreamSlot.objects.get(node_id=node_id, slot_key__endswith=":s1")
+        assert slot.lease_expires_at > dt.datetime.now(dt.UTC)
+
+
 def test_a_connections_slots_are_freed_together(backend, node_id):
     policy(node_id, max_concurrent_streams=2)
     assert acquire(node_id, "s1", stream=True, connection_id="c-old") is None
