@@ -20,6 +20,7 @@ FULL = [
     ["bench_nodes.py", "--nodes", "1000", "5000", "10000", "--runs", "3"],
     ["bench_heartbeats.py", "--nodes", "1000", "--rates", "1000", "--seconds", "10", "--runs", "3"],
     ["bench_tasks.py", "--tasks", "10000", "--nodes", "10", "--runs", "3"],
+    ["bench_dispatch.py", "--nodes", "100", "1000", "10000", "--runs", "5"],
     ["bench_llm.py", "--requests", "200", "--chunks", "50", "--runs", "3"],
     ["bench_scaleout.py", "--nodes", "1000", "--tasks", "2000", "--runs", "3"],
     ["bench_servers.py", "--nodes", "1000", "--seconds", "10", "--tasks", "2000", "--runs", "3"],
@@ -29,6 +30,7 @@ SHORT = [
     ["bench_nodes.py", "--nodes", "300", "--runs", "1", "--spread", "1"],
     ["bench_heartbeats.py", "--nodes", "300", "--rates", "300", "--seconds", "3", "--runs", "1"],
     ["bench_tasks.py", "--tasks", "200", "--nodes", "5", "--sequential", "20", "--runs", "1"],
+    ["bench_dispatch.py", "--nodes", "100", "1000", "--runs", "2"],
     ["bench_llm.py", "--requests", "20", "--chunks", "20", "--runs", "1"],
     ["bench_scaleout.py", "--nodes", "200", "--seconds", "3", "--tasks", "200", "--runs", "1"],
     [
