@@ -14,27 +14,15 @@ milliseconds, and the statements the pass ran. SQLite (WAL, the hub's backend).
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-WORKDIR = tempfile.mkdtemp(prefix="apexbridge-dispatch-")
-os.environ.update(
-    DJANGO_SETTINGS_MODULE="apexbridge.settings",
-    DJANGO_DEBUG="0",
-    DJANGO_SECRET_KEY=secrets.token_urlsafe(60),
-    APEXBRIDGE_LOG_LEVEL="WARNING",
-)
-os.environ.pop("DATABASE_URL", None)
-os.environ.pop("REDIS_URL", None)
+from common import in_process_django, machine_header, median_spread, print_table  # noqa: E402
 
 
 def measure(nodes: int, runs: int) -> tuple[list[float], int]:
@@ -88,17 +76,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
 
-    import django
-
-    os.environ["APEXBRIDGE_SQLITE_PATH"] = str(Path(WORKDIR) / "dispatch.sqlite3")
-    django.setup()
-    from django.conf import settings
-    from django.core.management import call_command
-
-    settings.APEXBRIDGE_BACKGROUND_LOOPS = False
-    call_command("migrate", verbosity=0)
-
-    from common import machine_header, median_spread, print_table
+    in_process_django("apexbridge-dispatch-")
 
     rows = []
     for nodes in args.nodes:

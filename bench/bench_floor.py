@@ -15,41 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import secrets
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-WORKDIR = tempfile.mkdtemp(prefix="apexbridge-floor-")
-os.environ.update(
-    DJANGO_SETTINGS_MODULE="apexbridge.settings",
-    DJANGO_DEBUG="0",
-    DJANGO_SECRET_KEY=secrets.token_urlsafe(60),
-    DJANGO_ALLOWED_HOSTS="testserver",
-    APEXBRIDGE_SQLITE_PATH=str(Path(WORKDIR) / "floor.sqlite3"),
-    APEXBRIDGE_LOG_LEVEL="WARNING",
-)
-os.environ.pop("DATABASE_URL", None)
-os.environ.pop("REDIS_URL", None)
+from common import in_process_django, machine_header, median_spread, print_table  # noqa: E402
 
-import django  # noqa: E402
-
-django.setup()
-
-from django.conf import settings  # noqa: E402
-
-settings.APEXBRIDGE_BACKGROUND_LOOPS = False  # no sweeps inside the measurements
-
-from common import machine_header, median_spread, print_table  # noqa: E402
-from django.core.management import call_command  # noqa: E402
+WORKDIR = in_process_django("apexbridge-floor-", DJANGO_ALLOWED_HOSTS="testserver")
 
 
 def per_op_us(operation: Callable[[], object], n: int) -> float:
@@ -71,7 +48,6 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--n", type=int, default=500)
     args = parser.parse_args()
-    call_command("migrate", verbosity=0)
 
     from asgiref.sync import sync_to_async
     from channels.testing import WebsocketCommunicator

@@ -184,6 +184,35 @@ def print_table(
     return text
 
 
+# --- in-process benchmarks -----------------------------------------------------------
+def in_process_django(prefix: str, **env: str) -> Path:
+    """Django in this process on a fresh SQLite database (WAL, the hub's backend) in a
+    new temporary directory, ``DEBUG`` off, no PostgreSQL or Redis, no background
+    loops, migrated. Returns the directory."""
+    import secrets
+
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ.update(
+        DJANGO_SETTINGS_MODULE="apexbridge.settings",
+        DJANGO_DEBUG="0",
+        DJANGO_SECRET_KEY=secrets.token_urlsafe(60),
+        APEXBRIDGE_SQLITE_PATH=str(workdir / "bench.sqlite3"),
+        APEXBRIDGE_LOG_LEVEL="WARNING",
+        **env,
+    )
+    os.environ.pop("DATABASE_URL", None)
+    os.environ.pop("REDIS_URL", None)
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.core.management import call_command
+
+    settings.APEXBRIDGE_BACKGROUND_LOOPS = False  # no sweeps inside the measurements
+    call_command("migrate", verbosity=0)
+    return workdir
+
+
 # --- hubs -----------------------------------------------------------------------------
 class Bench:
     """Databases and hub processes of one benchmark run; ``close()`` stops them all."""
