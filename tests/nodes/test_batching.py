@@ -300,6 +300,32 @@ async def test_a_task_result_whose_handler_was_cancelled_while_waiting_is_still_
     assert (await Task.objects.aget(pk=late_id)).result == 2
 
 
+@pytest.mark.django_db(transaction=True)
+async def test_the_same_result_sent_twice_at_once_is_applied_once_and_the_repeat_is_stale():
+    from nodes import task_queue, task_result_services, task_services
+    from nodes.batching import task_results
+    from nodes.models import Task
+
+    def assigned() -> str:
+        defaults = {"name": "n1", "status": "online", "connection_id": "c-n1", "channel_name": "x"}
+        Node.objects.get_or_create(node_id="n1", defaults=defaults)
+        task = task_services.task_submit(tool_name="echo").task
+        task_queue.claim_task(task.task_id, "n1")
+        return task.task_id
+
+    task_id = await database_sync_to_async(assigned)()
+    first, again = await asyncio.gather(
+        task_results.submit(task_result_services.TaskResult(task_id, "n1", "c-n1", True, result=1)),
+        task_results.submit(task_result_services.TaskResult(task_id, "n1", "c-n1", True, result=2)),
+        return_exceptions=True,
+    )
+    assert first.status == "succeeded"
+    assert isinstance(again, ProtocolError) and again.code == "stale_result"
+    done = await Task.objects.aget(pk=task_id)
+    assert done.result == 1  # the repeat changed nothing
+    assert (await Node.objects.aget(pk="n1")).completed_tasks == 1
+
+
 async def test_a_batch_that_meets_a_deadlock_is_tried_again_not_reported_as_an_outage():
     class Deadlock(Exception):
         sqlstate = "40P01"
