@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import json
+import os
 import re
 import subprocess
 import sys
-import json
-import os
 import tempfile
 import time
 from pathlib import Path
