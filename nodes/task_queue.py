@@ -12,6 +12,7 @@ locks the node first and the task second, so hub processes cannot deadlock.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DatabaseError, transaction
-from django.db.models import Count, F, Q, TextField
+from django.db import DatabaseError, connection, transaction
+from django.db.models import Count, F, OuterRef, Q, Subquery, TextField
 from django.db.models.functions import Cast
 from django.utils import timezone
 
@@ -76,6 +77,31 @@ def lock_node(node_id: str) -> Node | None:
     if not node_id:
         return None
     return Node.objects.select_for_update().filter(pk=node_id).only(*NODE_FIELDS).first()
+
+
+def _lock_node_counting(node_id: str) -> tuple[Node | None, int]:
+    """The node row locked, and its tasks in flight counted under that lock.
+
+    On SQLite one statement (the count a scalar subquery): the transaction holds the
+    database's write lock from ``BEGIN IMMEDIATE``, so nothing changes under it. Not
+    on PostgreSQL: a statement that waits for a row lock sees the locked row as
+    committed after the wait, but its subqueries see the snapshot taken before it,
+    so the count would miss the tasks the other process just assigned to the node
+    (and overfill it); there the count is a second statement, after the lock."""
+    if connection.vendor != "sqlite":
+        node = lock_node(node_id)
+        if node is None:
+            return None, 0
+        return node, Task.objects.filter(status=TaskStatus.ASSIGNED, assigned_node_id=node_id).count()
+    in_flight = (
+        Task.objects.filter(status=TaskStatus.ASSIGNED, assigned_node_id=OuterRef("pk"))
+        .order_by()
+        .values("assigned_node_id")
+        .annotate(n=Count("task_id"))
+        .values("n")
+    )
+    node = Node.objects.filter(pk=node_id).only(*NODE_FIELDS).annotate(in_flight=Subquery(in_flight)).first()
+    return node, (node.in_flight or 0) if node is not None else 0
 
 
 def _in_flight_counts() -> dict[str, int]:
@@ -156,7 +182,7 @@ class Claim:
 def claim_task(task_id: str, node_id: str) -> Claim:
     """Assign one queued task to one node, re-checking both under their locks."""
     with transaction.atomic():
-        node = lock_node(node_id)
+        node, in_flight = _lock_node_counting(node_id)
         if node is None:
             return Claim()
         task = (
@@ -167,7 +193,6 @@ def claim_task(task_id: str, node_id: str) -> Claim:
         now = timezone.now()
         if task is None or task.dependencies_pending or (task.not_before and task.not_before > now):
             return Claim(task_gone=True)
-        in_flight = Task.objects.filter(status=TaskStatus.ASSIGNED, assigned_node_id=node_id).count()
         if not dispatch.is_eligible(node, task, in_flight):
             return Claim(node=node, in_flight=in_flight)
         task.status = TaskStatus.ASSIGNED
@@ -245,11 +270,13 @@ def task_dispatch_pending() -> Outgoing:
     ready = Task.objects.filter(status=TaskStatus.QUEUED, dependencies_pending=False).filter(
         Q(not_before__isnull=True) | Q(not_before__lte=now)
     )
-    if not ready.exists():
+    queued = _in_order(ready)
+    first = next(queued, None)
+    if first is None:
         return []  # the common case on a busy hub: no node rows to read
     pass_ = DispatchPass(_connected_nodes(), _in_flight_counts())
     if pass_.free_slots():
-        pass_.run(_in_order(ready))
+        pass_.run(itertools.chain([first], queued))
     if not pass_.free_slots():
         pass_.run(_in_order(ready.filter(waiting_reason="")))
     pass_.save_reasons()

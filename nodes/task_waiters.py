@@ -33,20 +33,20 @@ def task_ended(task_id: str) -> None:
 
 
 def wait_until_final(task_id: str, wait_s: float, load: Callable[[], T], is_final: Callable[[T], bool]) -> T:
-    """``load()`` until ``is_final`` or ``wait_s`` ran out; woken by ``task_ended``."""
+    """``load()`` until ``is_final`` or ``wait_s`` ran out; woken by ``task_ended``.
+
+    One read per wake-up: the waiter registers before it reads, so a task that ends
+    between the read and the wait still wakes it."""
     deadline = time.monotonic() + wait_s
-    current = load()
-    while not is_final(current):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
+    while True:
         event = threading.Event()
         with _lock:
             _waiting.setdefault(task_id, []).append(event)
         try:
-            current = load()  # it may have ended between the last read and the registration
-            if is_final(current):
-                break
+            current = load()
+            remaining = deadline - time.monotonic()
+            if is_final(current) or remaining <= 0:
+                return current
             release_pooled_connection()
             event.wait(min(RECHECK_S, remaining))
         finally:
@@ -56,5 +56,3 @@ def wait_until_final(task_id: str, wait_s: float, load: Callable[[], T], is_fina
                     events.remove(event)
                     if not events:
                         del _waiting[task_id]
-        current = load()
-    return current

@@ -109,8 +109,10 @@ class TaskSubmitView(APIView):
             )
         except task_services.TaskValidationError as error:
             raise ApiError(400, error.code, error.message) from None
-        task = selectors.task_get(task_id=submitted.task.task_id) or submitted.task
-        task = _wait_for_end(task, wait_s)
+        if wait_s > 0:  # the wait reads the task first
+            task = _wait_for_end(submitted.task, wait_s)
+        else:  # as it is now: the dispatch pass after the commit may have assigned it
+            task = selectors.task_get(task_id=submitted.task.task_id) or submitted.task
         ended_while_waiting = wait_s > 0 and task.is_final
         status = 201 if submitted.created and not ended_while_waiting else 200
         return Response(_envelope(task), status=status)

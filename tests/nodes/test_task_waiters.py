@@ -37,3 +37,25 @@ def test_the_wait_runs_out_with_the_task_as_it_is():
     result = task_waiters.wait_until_final("t-3", 0.05, load=lambda: "running", is_final=lambda s: False)
     assert result == "running"
     assert task_waiters._waiting == {}
+
+
+def test_a_woken_waiter_reads_the_task_once_per_wake_up(monkeypatch):
+    """Each read is a database query on the request's thread: one to start, one when
+    woken (the waiter registers before it reads, so an end in between still wakes it)."""
+    monkeypatch.setattr(task_waiters, "RECHECK_S", 60)
+    state = {"final": False, "loads": 0}
+
+    def load():
+        state["loads"] += 1
+        return state["final"]
+
+    def finish_later():
+        while not (state["loads"] and "t-4" in task_waiters._waiting):
+            time.sleep(0.01)
+        time.sleep(0.2)  # the waiter is asleep now
+        state["final"] = True
+        task_waiters.task_ended("t-4")
+
+    threading.Thread(target=finish_later).start()
+    assert task_waiters.wait_until_final("t-4", 60, load=load, is_final=bool) is True
+    assert state["loads"] == 2
