@@ -1,14 +1,16 @@
 """What one dispatch pass costs as the fleet grows: a queued task and N connected
 nodes, in-process (no server, no load generator).
 
-    .venv/bin/python bench/bench_dispatch.py [--nodes 100 1000 10000] [--runs 5]
+    .venv/bin/python bench/bench_dispatch.py [--nodes 100 1000 10000] [--runs 5] [--burst 200]
 
 The pass runs after every submission and every result, on the process's one
 database thread, so its cost per task bounds how many tasks a hub with N nodes
 assigns per second, and every millisecond of it holds the GIL the event loop needs
 for heartbeat acks. Each row: N nodes (all online, one slot each, the same tools),
 one fresh queued task per pass, median (min–max) of ``--runs`` passes in
-milliseconds, and the statements the pass ran. SQLite (WAL, the hub's backend).
+milliseconds, and the statements the pass ran; then a burst: ``--burst`` tasks
+queued at once and handed out by one pass (as after a bulk submission), its time
+and the time per task assigned. SQLite (WAL, the hub's backend).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import in_process_django, machine_header, median_spread, print_table  # noqa: E402
 
 
-def measure(nodes: int, runs: int) -> tuple[list[float], int]:
+def measure(nodes: int, runs: int, burst: int = 0) -> tuple[list[float], int, float | None]:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
     from django.utils import timezone
@@ -67,27 +69,51 @@ def measure(nodes: int, runs: int) -> tuple[list[float], int]:
         if len(assigned) != 1:
             raise SystemExit(f"the pass assigned {len(assigned)} tasks, expected 1")
         statements = len(queries)
-    return times_ms, statements
+    burst_ms = None
+    if burst:
+        Task.objects.all().delete()  # every node free again
+        Task.objects.bulk_create(
+            Task(task_id=f"b-{nodes}-{i:05d}", tool_name="read", capability="files", timeout_ms=60000)
+            for i in range(burst)
+        )
+        started = time.perf_counter()
+        assigned = task_services.task_dispatch_pending()
+        burst_ms = (time.perf_counter() - started) * 1000
+        if len(assigned) != min(burst, nodes):
+            raise SystemExit(f"the burst pass assigned {len(assigned)} tasks, expected {min(burst, nodes)}")
+    return times_ms, statements, burst_ms
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="*", default=[100, 1000, 10000])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--burst", type=int, default=200, help="tasks handed out by one pass (0: none)")
     args = parser.parse_args()
 
     in_process_django("apexbridge-dispatch-")
 
     rows = []
     for nodes in args.nodes:
-        times_ms, statements = measure(nodes, args.runs)
+        times_ms, statements, burst_ms = measure(nodes, args.runs, args.burst)
         per_node_us = statistics.median(times_ms) * 1000 / nodes
-        rows.append([nodes, median_spread(times_ms, 1), f"{per_node_us:.1f}", statements])
+        burst = [f"{burst_ms:.0f}", f"{burst_ms / min(args.burst, nodes):.2f}"] if burst_ms else ["-", "-"]
+        rows.append([nodes, median_spread(times_ms, 1), f"{per_node_us:.1f}", statements, *burst])
     print_table(
         machine_header(f"bench_dispatch — one dispatch pass, {args.runs} runs per size (SQLite, in-process)"),
-        ["connected nodes", "pass ms", "µs per node", "statements"],
+        [
+            "connected nodes",
+            "pass ms",
+            "µs per node",
+            "statements",
+            f"burst of {args.burst}: pass ms",
+            "ms per task",
+        ],
         rows,
-        ["One queued task, every node eligible and free; the pass reads the nodes and assigns the task."],
+        [
+            "One queued task, every node eligible and free; the pass reads the nodes and assigns the task.",
+            f"Burst: {args.burst} tasks queued at once; one pass hands out min({args.burst}, N) (one run).",
+        ],
     )
 
 

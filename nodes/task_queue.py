@@ -124,8 +124,6 @@ class NodeRow:
     node_id: str
     status: str
     connection_id: str
-    channel_name: str
-    protocol: str
     capabilities: list
     tools: list
     draining: bool
@@ -151,13 +149,12 @@ def _connected_nodes() -> dict[str, NodeRow]:
     rows = (
         Node.objects.exclude(connection_id="")
         .filter(status__in=dispatch.ASSIGNABLE_STATUSES)
+        .order_by()
         .annotate(capabilities_text=Cast("capabilities", TextField()), tools_text=Cast("tools", TextField()))
         .values_list(
             "node_id",
             "status",
             "connection_id",
-            "channel_name",
-            "protocol",
             "capabilities_text",
             "tools_text",
             "draining",
@@ -166,8 +163,8 @@ def _connected_nodes() -> dict[str, NodeRow]:
         )
     )
     return {
-        node_id: NodeRow(node_id, status, connection_id, channel, protocol, parse(caps), parse(tools), *rest)
-        for node_id, status, connection_id, channel, protocol, caps, tools, *rest in rows
+        node_id: NodeRow(node_id, status, connection_id, parse(caps), parse(tools), *rest)
+        for node_id, status, connection_id, caps, tools, *rest in rows
     }
 
 
@@ -317,24 +314,12 @@ class DispatchPass:
         self.outgoing: Outgoing = []
         self.reasons: dict[str, str] = {}  # task id -> its new waiting reason
         self._blocked: dict[tuple[str, str, str], str] = {}  # requirements -> why no node
-        # Nodes that could take one more task; kept up to date per node as the pass
-        # assigns, so asking "is any slot free?" after each claim is not O(nodes).
-        self._with_free_slot = {node_id for node_id, node in nodes.items() if self._takes_more(node)}
-
-    def _takes_more(self, node: NodeRow | Node) -> bool:
-        return dispatch.accepts_new_work(node) and dispatch.has_free_slot(
-            node, self.in_flight.get(node.node_id, 0)
-        )
-
-    def _refresh(self, node_id: str) -> None:
-        node = self.nodes.get(node_id)
-        if node is not None and self._takes_more(node):
-            self._with_free_slot.add(node_id)
-        else:
-            self._with_free_slot.discard(node_id)
+        # The nodes that could take one more task, and the best of them per task, kept
+        # up to date as the pass assigns: neither is a scan of every node per task.
+        self._free = dispatch.FreeNodeIndex(nodes, in_flight)
 
     def free_slots(self) -> bool:
-        return bool(self._with_free_slot)
+        return self._free.any_free()
 
     def run(self, queued: Iterator[QueuedTask]) -> None:
         """Assign or explain each task; stops reading once every node is full, unless
@@ -364,7 +349,7 @@ class DispatchPass:
         turned out stale is refreshed and the choice made again."""
         nodes, in_flight = self.nodes, self.in_flight
         for _ in range(5):
-            node = dispatch.choose_node(task, nodes.values(), in_flight)
+            node = self._free.choose(task)
             if node is None:
                 return dispatch.waiting_reason(task, nodes.values(), in_flight)
             try:
@@ -376,7 +361,7 @@ class DispatchPass:
                 self.outgoing.append(claim.assigned)
                 in_flight[node.node_id] = in_flight.get(node.node_id, 0) + 1
                 node.last_assigned_at = timezone.now()
-                self._refresh(node.node_id)
+                self._free.update(node.node_id)
                 return None
             if claim.task_gone:
                 return None
@@ -386,7 +371,7 @@ class DispatchPass:
             else:
                 nodes[node.node_id] = claim.node
                 in_flight[node.node_id] = claim.in_flight
-            self._refresh(node.node_id)
+            self._free.update(node.node_id)
         return None
 
 

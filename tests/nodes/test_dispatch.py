@@ -154,3 +154,74 @@ def test_waiting_reasons_say_why():
 
 def test_no_waiting_reason_when_a_node_is_eligible():
     assert reason(make_task(), [make_node()]) == ""
+
+
+# --- the dispatch pass's index: the same answers without a scan per task --------------------
+def random_fleet(rng, size):
+    caps, tools = ["files", "music", "books"], ["read", "write", "play"]
+    nodes = {}
+    for i in range(size):
+        node_id = f"n{i:03d}"
+        nodes[node_id] = make_node(
+            node_id,
+            status=rng.choice(["online", "online", "busy", "offline"]),
+            connection_id=rng.choice([f"c{i}", f"c{i}", ""]),
+            capabilities=rng.sample(caps, rng.randint(0, 2)),
+            tools=rng.sample(tools, rng.randint(0, 2)),
+            draining=rng.random() < 0.1,
+            max_concurrent_tasks=rng.randint(1, 3),
+            last_assigned_at=rng.choice([None, T0 + timedelta(seconds=rng.randint(0, 5))]),
+        )
+    in_flight = {node_id: rng.randint(0, 2) for node_id in nodes if rng.random() < 0.5}
+    return nodes, in_flight
+
+
+def random_task(rng, nodes):
+    return make_task(
+        tool_name=rng.choice(["read", "write", "play"]),
+        capability=rng.choice(["", "", "files", "music", "books"]),
+        node_id=rng.choice([""] * 8 + ([rng.choice(list(nodes))] if nodes else [])),
+        tried_node_ids=rng.choice([[]] * 6 + [rng.sample(list(nodes), min(2, len(nodes)))]),
+    )
+
+
+def test_the_free_node_index_chooses_what_choose_node_chooses_as_a_pass_assigns():
+    """Random fleets, a pass assigning tasks one after another: after every assignment,
+    and after nodes change under it (a fresher row, a disconnect), the index answers
+    exactly what a scan of every node answers."""
+    import random
+
+    for seed in range(40):
+        rng = random.Random(seed)
+        nodes, in_flight = random_fleet(rng, rng.randint(1, 30))
+        index = dispatch.FreeNodeIndex(nodes, in_flight)
+        now = T0 + timedelta(seconds=10)
+        for step in range(60):
+            task = random_task(rng, nodes)
+            expected = dispatch.choose_node(task, nodes.values(), in_flight)
+            chosen = index.choose(task)
+            assert chosen is expected, (seed, step)
+            takes_more = [
+                n
+                for n in nodes.values()
+                if dispatch.is_connected(n)
+                and dispatch.accepts_new_work(n)
+                and dispatch.has_free_slot(n, in_flight.get(n.node_id, 0))
+            ]
+            assert index.any_free() == bool(takes_more), (seed, step)
+            if chosen is not None:  # assigned: one more in flight, assigned just now
+                in_flight[chosen.node_id] = in_flight.get(chosen.node_id, 0) + 1
+                now += timedelta(milliseconds=1)
+                chosen.last_assigned_at = now
+                index.update(chosen.node_id)
+            if nodes and rng.random() < 0.2:  # a claim found the row out of date
+                node_id = rng.choice(list(nodes))
+                if rng.random() < 0.3:
+                    nodes.pop(node_id)
+                else:
+                    node = nodes[node_id]
+                    node.status = rng.choice(["online", "busy"])
+                    node.draining = rng.random() < 0.2
+                    node.max_concurrent_tasks = rng.randint(1, 4)
+                    in_flight[node_id] = rng.randint(0, 3)
+                index.update(node_id)
