@@ -60,16 +60,15 @@ def _service_unavailable(exc) -> Response | None:
     """503 ``service_unavailable`` while the database cannot be reached (nothing was
     changed: the request's transaction, if any, never committed). Other errors stay
     500s."""
-    from nodes.service_health import database_health, is_database_outage
+    from nodes.service_health import database_health, is_database_outage, is_lock_conflict
 
     if not is_database_outage(exc):
         return None
     database_health.failed(exc)
-    body = {
-        "success": False,
-        "error": {
-            "code": "service_unavailable",
-            "message": "The hub's database is unavailable; try again shortly",
-        },
-    }
+    message = (
+        "The hub's database met a conflicting change; try again"
+        if is_lock_conflict(exc)
+        else "The hub's database is unavailable; try again shortly"
+    )
+    body = {"success": False, "error": {"code": "service_unavailable", "message": message}}
     return Response(body, status=status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "5"})

@@ -47,6 +47,11 @@ class ServiceHealth:
         return self.down_since is None
 
     def failed(self, exc: BaseException) -> None:
+        if is_lock_conflict(exc):
+            # A deadlock or serialization failure that outlasted its retries: the work
+            # was refused (and may be sent again), but the service is up.
+            logger.warning("%s: a lock conflict outlasted its retries (%s)", self.name, str(exc).strip())
+            return
         if self.down_since is None:
             self.down_since = time.monotonic()
             logger.warning(

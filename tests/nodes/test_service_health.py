@@ -69,3 +69,37 @@ async def test_a_message_read_is_returned_and_a_failed_read_is_retried(monkeypat
         assert await asyncio.wait_for(consumer.channel_receive(), 2) == {"type": "node.send"}
     finally:
         service_health.layer_health.recovered()
+
+
+def lock_conflict() -> Exception:
+    from django.db import OperationalError
+
+    class Deadlock(Exception):
+        sqlstate = "40P01"  # PostgreSQL's deadlock_detected
+
+    try:
+        raise OperationalError("deadlock detected") from Deadlock()
+    except OperationalError as error:
+        return error
+
+
+def test_a_lock_conflict_that_outlasted_its_retries_does_not_mark_the_database_down(caplog):
+    """A deadlock is refused work, not an outage: no "database unavailable" warning,
+    and no grace period for liveness afterwards."""
+    health = service_health.ServiceHealth("database", "…")
+    health.failed(lock_conflict())
+    assert health.available
+    assert "unavailable" not in caplog.text and "lock conflict" in caplog.text
+    health.failed(OSError("connection refused"))
+    assert not health.available
+
+
+def test_the_api_answers_a_lock_conflict_with_a_retryable_503_that_does_not_blame_an_outage():
+    from apexbridge.exceptions import _service_unavailable
+
+    down_since = service_health.database_health.down_since
+    response = _service_unavailable(lock_conflict())
+    assert response.status_code == 503
+    assert response.data["error"]["code"] == "service_unavailable"
+    assert "conflicting change" in response.data["error"]["message"]
+    assert service_health.database_health.down_since == down_since
