@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -258,8 +259,12 @@ class Bench:
         self.hubs = []
 
     def close(self) -> None:
+        """Stop the hubs, drop their databases and remove the run's directory (hub logs,
+        SQLite files); ``APEXBRIDGE_BENCH_KEEP=1`` keeps the directory."""
         self.stop_hubs()
         self.databases.cleanup()
+        if os.environ.get("APEXBRIDGE_BENCH_KEEP") != "1":
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def count_nodes(hub: HubServer, status: str = "online") -> int:
