@@ -15,6 +15,7 @@ from typing import Protocol
 from nodes.models import NodeStatus
 
 ASSIGNABLE_STATUSES = (NodeStatus.ONLINE, NodeStatus.BUSY)
+NEVER = float("-inf")  # the last assignment of a node never assigned: first in round robin
 
 
 class NodeLike(Protocol):
@@ -144,7 +145,16 @@ class FreeNodeIndex:
     def __init__(self, nodes: MutableMapping[str, NodeLike], in_flight: MutableMapping[str, int]) -> None:
         self.nodes = nodes
         self.in_flight = in_flight
-        self._free = {node_id for node_id, node in nodes.items() if self._takes_more(node)}
+        # _takes_more, inlined: this and the first heap are a pass's work per node.
+        count = in_flight.get
+        self._free = {
+            node_id
+            for node_id, node in nodes.items()
+            if node.connection_id
+            and node.status in ASSIGNABLE_STATUSES
+            and not node.draining
+            and count(node_id, 0) < max(node.max_concurrent_tasks, 1)
+        }
         self._versions: dict[str, int] = {}
         self._heaps: dict[tuple[str, str], list[tuple]] = {}
 
@@ -166,10 +176,7 @@ class FreeNodeIndex:
         requirement = (task.tool_name, task.capability or "")
         heap = self._heaps.get(requirement)
         if heap is None:
-            heap = self._heaps[requirement] = [
-                self._entry(node) for node in self.free_nodes() if self._serves(node, *requirement)
-            ]
-            heapq.heapify(heap)
+            heap = self._heaps[requirement] = self._first_heap(*requirement)
         while heap:
             *_, node_id, version = heap[0]
             if version == self._versions.get(node_id, 0) and node_id in self._free:
@@ -189,6 +196,29 @@ class FreeNodeIndex:
             if self._serves(node, *requirement):
                 heapq.heappush(heap, self._entry(node))
 
+    def _first_heap(self, tool_name: str, capability: str) -> list[tuple]:
+        """``_entry`` of every free node that ``_serves`` the requirement, inlined."""
+        nodes, count, versions = self.nodes, self.in_flight.get, self._versions
+        heap = []
+        for node_id in self._free:
+            node = nodes[node_id]
+            if capability and capability not in (node.capabilities or ()):
+                continue
+            if node.tools and tool_name not in node.tools:
+                continue
+            last = node.last_assigned_at
+            heap.append(
+                (
+                    node.status != NodeStatus.ONLINE,
+                    count(node_id, 0),
+                    last.timestamp() if last else NEVER,
+                    node_id,
+                    versions.get(node_id, 0),
+                )
+            )
+        heapq.heapify(heap)
+        return heap
+
     def _takes_more(self, node: NodeLike) -> bool:
         return (
             is_connected(node)
@@ -205,7 +235,7 @@ class FreeNodeIndex:
 
     def _entry(self, node: NodeLike) -> tuple:
         """``preference_key`` of an untried node, then the version it was made at."""
-        last = node.last_assigned_at.timestamp() if node.last_assigned_at else float("-inf")
+        last = node.last_assigned_at.timestamp() if node.last_assigned_at else NEVER
         busy = node.status != NodeStatus.ONLINE
         in_flight = self.in_flight.get(node.node_id, 0)
         return (busy, in_flight, last, node.node_id, self._versions.get(node.node_id, 0))

@@ -20,6 +20,7 @@ from django.utils import timezone
 from nodes import events
 from nodes.auth import KeyIdentity
 from nodes.models import Node, NodeLog, NodeProtocol, NodeStatus
+from nodes.node_rows import node_rows
 from nodes.protocol import ErrorCode, NodeRegisterPayload, ProtocolError, node_info_data
 from nodes.services import check_key_allows, publish_status, requeue_attempts
 
@@ -151,6 +152,8 @@ def node_register_many(*, registrations: list[NodeRegistration]) -> list[Registr
         )
         for registration, result, _, _ in applied
     )
+    if applied:
+        node_rows.drop()  # new candidates for the dispatch pass
     for registration, result, old_status, previous_connection in applied:
         node_id, connection_id = result.node.node_id, registration.connection.connection_id
         if previous_connection and previous_connection != connection_id:

@@ -13,20 +13,19 @@ locks the node first and the task second, so hub processes cannot deadlock.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from django.db import DatabaseError, connection, transaction
-from django.db.models import Count, F, OuterRef, Q, Subquery, TextField
-from django.db.models.functions import Cast
+from django.db.models import Count, F, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from nodes import dispatch, events, task_waiters
 from nodes.models import FINAL_TASK_STATUSES, Node, NodeProtocol, Task, TaskStatus
+from nodes.node_rows import NodeRow, node_rows
 from nodes.protocol import execute_tool_data, frame, task_assign_data, task_data
 
 logger = logging.getLogger(__name__)
@@ -114,58 +113,6 @@ def _in_flight_counts() -> dict[str, int]:
         .order_by()
     )
     return dict(rows)
-
-
-@dataclass(slots=True)
-class NodeRow:
-    """What the dispatch pass needs of a connected node, read as a row: building
-    10,000 model instances took ~200 ms of every pass."""
-
-    node_id: str
-    status: str
-    connection_id: str
-    capabilities: list
-    tools: list
-    draining: bool
-    max_concurrent_tasks: int
-    last_assigned_at: datetime | None
-
-
-def _connected_nodes() -> dict[str, NodeRow]:
-    """Every node a task could go to now. Capabilities and tools are read as JSON
-    text and each distinct text is parsed once per pass: nodes of one kind declare
-    the same lists, and parsing 20,000 of them was most of the read. The parsed
-    lists are shared between rows; nothing in the pass changes them."""
-    parsed: dict[str, list] = {}
-
-    def parse(text: str | None) -> list:
-        if text is None:
-            return []
-        value = parsed.get(text)
-        if value is None:
-            value = parsed[text] = json.loads(text)
-        return value
-
-    rows = (
-        Node.objects.exclude(connection_id="")
-        .filter(status__in=dispatch.ASSIGNABLE_STATUSES)
-        .order_by()
-        .annotate(capabilities_text=Cast("capabilities", TextField()), tools_text=Cast("tools", TextField()))
-        .values_list(
-            "node_id",
-            "status",
-            "connection_id",
-            "capabilities_text",
-            "tools_text",
-            "draining",
-            "max_concurrent_tasks",
-            "last_assigned_at",
-        )
-    )
-    return {
-        node_id: NodeRow(node_id, status, connection_id, parse(caps), parse(tools), *rest)
-        for node_id, status, connection_id, caps, tools, *rest in rows
-    }
 
 
 @dataclass
@@ -271,7 +218,8 @@ def task_dispatch_pending() -> Outgoing:
     first = next(queued, None)
     if first is None:
         return []  # the common case on a busy hub: no node rows to read
-    pass_ = DispatchPass(_connected_nodes(), _in_flight_counts())
+    nodes, fresh = node_rows.get()
+    pass_ = DispatchPass(nodes, _in_flight_counts(), rows_are_fresh=fresh)
     if pass_.free_slots():
         pass_.run(itertools.chain([first], queued))
     if not pass_.free_slots():
@@ -308,7 +256,9 @@ def _in_order(queued) -> Iterator[QueuedTask]:
 class DispatchPass:
     """One pass over queued tasks with the node rows and in-flight counts read once."""
 
-    def __init__(self, nodes: dict[str, NodeRow | Node], in_flight: dict[str, int]) -> None:
+    def __init__(
+        self, nodes: dict[str, NodeRow | Node], in_flight: dict[str, int], *, rows_are_fresh: bool = True
+    ) -> None:
         self.nodes = nodes
         self.in_flight = in_flight
         self.outgoing: Outgoing = []
@@ -317,9 +267,25 @@ class DispatchPass:
         # The nodes that could take one more task, and the best of them per task, kept
         # up to date as the pass assigns: neither is a scan of every node per task.
         self._free = dispatch.FreeNodeIndex(nodes, in_flight)
+        self._rows_are_fresh = rows_are_fresh
 
     def free_slots(self) -> bool:
+        """Whether any node can take one more task; never "no" from kept rows."""
+        if not self._free.any_free() and self._read_rows_again():
+            return self._free.any_free()
         return self._free.any_free()
+
+    def _read_rows_again(self) -> bool:
+        """Replace rows kept from an earlier pass with rows read now (once per pass);
+        False when they were read now already."""
+        if self._rows_are_fresh:
+            return False
+        fresh, self._rows_are_fresh = node_rows.get(fresh=True)
+        self.nodes.clear()
+        self.nodes.update(fresh)
+        self._free = dispatch.FreeNodeIndex(self.nodes, self.in_flight)
+        self._blocked.clear()
+        return True
 
     def run(self, queued: Iterator[QueuedTask]) -> None:
         """Assign or explain each task; stops reading once every node is full, unless
@@ -345,11 +311,14 @@ class DispatchPass:
 
     def _assign_or_explain(self, task: QueuedTask) -> str | None:
         """Claim ``task`` for the best eligible node (its message goes to ``outgoing``)
-        and return None, or return why no node is eligible. A cached node row that
-        turned out stale is refreshed and the choice made again."""
+        and return None, or return why no node is eligible. A node row that turned out
+        out of date is replaced (all rows, when they were kept from an earlier pass)
+        and the choice made again."""
         nodes, in_flight = self.nodes, self.in_flight
         for _ in range(5):
             node = self._free.choose(task)
+            if node is None and self._read_rows_again():
+                node = self._free.choose(task)
             if node is None:
                 return dispatch.waiting_reason(task, nodes.values(), in_flight)
             try:
@@ -365,11 +334,15 @@ class DispatchPass:
                 return None
             if claim.task_gone:
                 return None
+            if self._read_rows_again():  # rows kept from an earlier pass: all of them anew
+                continue
             self._blocked.clear()  # fresher node rows: what blocked before may not now
             if claim.node is None or not dispatch.is_connected(claim.node):
                 nodes.pop(node.node_id, None)
+                node_rows.put(node.node_id, None)
             else:
                 nodes[node.node_id] = claim.node
+                node_rows.put(node.node_id, claim.node)
                 in_flight[node.node_id] = claim.in_flight
             self._free.update(node.node_id)
         return None

@@ -78,6 +78,14 @@ async def wait_closed(node: NodeSocket, timeout: float = 3) -> int:
 
 
 @pytest.fixture(autouse=True)
+def _no_kept_node_rows():
+    """The dispatch pass's kept node rows outlive a test's database: start each empty."""
+    from nodes.node_rows import node_rows
+
+    node_rows.forget()
+
+
+@pytest.fixture(autouse=True)
 def _hub_settings(settings):
     settings.APEXBRIDGE_VCP_KEY = TEST_SHARED_KEY
     # Consumer tests drive the sweeps by hand; e2e tests run real processes with loops.

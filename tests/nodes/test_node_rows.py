@@ -1,0 +1,107 @@
+"""The connected-node rows a dispatch pass starts from may be kept from an earlier
+pass of this process (nodes/node_rows.py): a pass soon after another does not read
+every node again, yet nothing is assigned to a node that cannot take it, no task waits
+because of old rows, and a node saved in this process is seen at once."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from nodes import task_queue, task_services
+from nodes.models import Node, Task
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def keep_rows(settings):
+    settings.APEXBRIDGE_DISPATCH_NODE_ROWS_MS = 60_000  # kept for the whole test unless dropped
+    return settings
+
+
+def make_node(node_id, **fields) -> Node:
+    values = {
+        "name": node_id,
+        "status": "online",
+        "connection_id": f"c-{node_id}",
+        "channel_name": f"ch-{node_id}",
+    }
+    values.update(fields)
+    return Node.objects.create(node_id=node_id, **values)
+
+
+def queue() -> Task:
+    return Task.objects.create(task_id=task_services.new_task_id(), tool_name="echo")
+
+
+def dispatch_pass() -> tuple[list[str], int]:
+    """The node each assignment went to, and how many times the pass read the rows."""
+    with CaptureQueriesContext(connection) as queries:
+        outgoing = task_queue.task_dispatch_pending()
+    reads = sum(1 for q in queries if "capabilities_text" in q["sql"])
+    return [message["nodeId"] for _, message in outgoing], reads
+
+
+def from_another_process(sql: str, params: list) -> None:
+    """A change no signal of this process sees (another hub process made it)."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+
+
+def test_a_pass_soon_after_another_starts_from_the_rows_that_one_read():
+    make_node("n1", max_concurrent_tasks=5)
+    queue()
+    assert dispatch_pass() == (["n1"], 1)
+    queue()
+    assert dispatch_pass() == (["n1"], 0)
+
+
+def test_with_a_zero_age_every_pass_reads_the_rows(settings):
+    settings.APEXBRIDGE_DISPATCH_NODE_ROWS_MS = 0
+    make_node("n1", max_concurrent_tasks=5)
+    queue()
+    assert dispatch_pass() == (["n1"], 1)
+    queue()
+    assert dispatch_pass() == (["n1"], 1)
+
+
+def test_a_node_saved_in_this_process_is_seen_by_the_next_pass():
+    make_node("n1", max_concurrent_tasks=5)
+    queue()
+    assert dispatch_pass()[0] == ["n1"]
+    make_node("n2", max_concurrent_tasks=5)  # fewer tasks in flight than n1: preferred
+    queue()
+    assert dispatch_pass()[0] == ["n2"]
+
+
+def test_a_node_that_left_in_another_process_is_not_given_the_task():
+    make_node("n1", max_concurrent_tasks=5)
+    make_node("n2", max_concurrent_tasks=5)
+    queue()
+    first, _ = dispatch_pass()
+    other = "n2" if first == ["n1"] else "n1"  # preferred next: nothing in flight
+    from_another_process(
+        "UPDATE nodes_node SET status = 'offline', connection_id = '' WHERE node_id = %s", [other]
+    )
+    task = queue()
+    assert dispatch_pass()[0] == first  # the kept row sent the claim to `other`; refused there
+    assert Task.objects.get(pk=task.pk).assigned_node_id == first[0]
+
+
+def test_no_task_waits_because_of_kept_rows():
+    """Every node full in the kept rows: the pass reads them again before it says no
+    node can take the task, and finds the node another process has just registered."""
+    make_node("n1", max_concurrent_tasks=1)
+    make_node("n2", status="offline", connection_id="", channel_name="")
+    queue()
+    assert dispatch_pass() == (["n1"], 1)
+    from_another_process(
+        "UPDATE nodes_node SET status = 'online', connection_id = 'c-n2', channel_name = 'ch-n2' "
+        "WHERE node_id = %s",
+        ["n2"],
+    )
+    task = queue()
+    assert dispatch_pass() == (["n2"], 1)
+    assert Task.objects.get(pk=task.pk).waiting_reason == ""
