@@ -12,10 +12,15 @@ from them is final:
   first, so a node that registered in another process a moment ago is seen;
 - in-flight counts are read fresh by every pass.
 
+- a retried task is never sent back to a node it already ran on from kept rows
+  (they are read again first: PROTOCOL §3.4 wants a different node when one is
+  eligible).
+
 What old rows can change is only which of several eligible nodes a task goes to
-(online over busy, round robin: approximate within the age). Registrations in this
-process, and any ``save()`` or ``delete()`` of a node (tools, drain / resume, the
-admin), drop the kept rows at once.
+(online over busy, round robin: approximate within the age). Registrations and
+heartbeat revivals in this process, and any ``save()`` or ``delete()`` of a node
+(tools, drain / resume, the admin), drop the kept rows at once; a disconnect
+removes its node from them.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from django.conf import settings
@@ -90,7 +95,8 @@ def connected_node_rows() -> dict[str, NodeRow]:
 
 class NodeRowCache:
     """This process's last read of the connected nodes (thread-safe: passes also run
-    outside the database thread, in admin requests and management commands)."""
+    outside the database thread, in admin requests and management commands). Rows
+    are never changed in place: a pass that learns something newer puts a new row."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -98,30 +104,45 @@ class NodeRowCache:
         self._read_at = 0.0
         self._generation = 0
 
-    def get(self, *, fresh: bool = False) -> tuple[dict[str, NodeRow], bool]:
-        """A copy of the rows (the pass may add and remove entries) and whether they
-        were read just now. The rows themselves are shared: a pass that assigns a task
-        sets the node's ``last_assigned_at`` on them for later passes."""
+    def get(self, *, fresh: bool = False) -> tuple[dict[str, NodeRow], bool, int]:
+        """A copy of the rows (the pass adds and removes entries), whether they were
+        read just now, and the generation to ``put`` newer rows back into."""
         max_age_s = settings.APEXBRIDGE_DISPATCH_NODE_ROWS_MS / 1000
         with self._lock:
-            rows, read_at, generation = self._rows, self._read_at, self._generation
-        if not fresh and rows is not None and time.monotonic() - read_at < max_age_s:
-            return dict(rows), False
+            if not fresh and self._rows is not None and time.monotonic() - self._read_at < max_age_s:
+                return dict(self._rows), False, self._generation
+            generation = self._generation
         started = time.monotonic()
         rows = connected_node_rows()
         with self._lock:
-            if self._generation == generation:  # not dropped while it was read
+            # Not kept if dropped while read. (Rows read inside a transaction that
+            # then rolls back — the admin's node actions run a pass inside theirs —
+            # are kept: like any kept row they only steer a choice the claim checks.)
+            if self._generation == generation:
                 self._rows, self._read_at = rows, started
-        return dict(rows), True
+        return dict(rows), True, generation
 
-    def put(self, node_id: str, row: NodeRow | Node | None) -> None:
-        """A fresher row of one node (None: no longer a candidate), found by a claim."""
+    def put(self, generation: int, node_id: str, row: NodeRow | None) -> None:
+        """A newer row of one node (None: no longer a candidate), learnt by a pass
+        that started from ``generation``; ignored if the rows were dropped or read
+        again since."""
         with self._lock:
-            if self._rows is not None:
+            if self._rows is not None and self._generation == generation:
                 if row is None:
                     self._rows.pop(node_id, None)
                 else:
                     self._rows[node_id] = row
+
+    def discard(self, node_id: str) -> None:
+        """The node is gone from this process (disconnected): not a candidate, after
+        the commit. Cheaper than ``drop`` for the common change of a large fleet."""
+
+        def discard() -> None:
+            with self._lock:
+                if self._rows is not None:
+                    self._rows.pop(node_id, None)
+
+        transaction.on_commit(discard)
 
     def drop(self) -> None:
         """Forget the rows (a node changed in this process); after the commit too, so a
@@ -133,6 +154,21 @@ class NodeRowCache:
         with self._lock:
             self._rows = None
             self._generation += 1
+
+
+def as_row(node: NodeRow | Node, **changes: object) -> NodeRow:
+    """A new row with the dispatch fields of ``node`` (a row or a model instance)."""
+    row = NodeRow(
+        node.node_id,
+        node.status,
+        node.connection_id,
+        node.capabilities,
+        node.tools,
+        node.draining,
+        node.max_concurrent_tasks,
+        node.last_assigned_at,
+    )
+    return replace(row, **changes) if changes else row
 
 
 node_rows = NodeRowCache()

@@ -297,7 +297,7 @@ class HubRuntime:
                 raise
             except Exception as exc:
                 if is_database_outage(exc):
-                    database_health.failed(exc)  # logged once; the step retries
+                    database_health.failed(exc)  # logged once per outage; the step retries
                     continue
                 logger.exception("background step %s failed; will retry", getattr(step, "__name__", step))
 

@@ -22,6 +22,7 @@ from django.utils import timezone
 from nodes import events
 from nodes.auth import KeyIdentity
 from nodes.models import HubProcess, Node, NodeLog, NodeProtocol, NodeStatus
+from nodes.node_rows import node_rows
 from nodes.protocol import ErrorCode, ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def node_disconnected(*, node_id: str, connection_id: str) -> bool:
         status=NodeStatus.OFFLINE, connection_id="", channel_name="", process_id="", last_seen=timezone.now()
     )
     requeue_attempts(node_id, connection_id=connection_id, reason="node_disconnected")
+    node_rows.discard(node_id)
     node_log_add(node_id=node_id, event="disconnected", message="connection closed")
     publish_status(node_id, old, NodeStatus.OFFLINE)
     logger.info("node %s disconnected (%s)", node_id, connection_id)
@@ -205,6 +207,7 @@ def node_flush_heartbeats(records: list[HeartbeatRecord]) -> list[str]:
                 status=NodeStatus.ONLINE
             ):
                 revived.append(node_id)
+                node_rows.drop()  # a candidate again
                 node_log_add(node_id=node_id, event="status", message="status offline -> online")
                 publish_status(node_id, NodeStatus.OFFLINE, NodeStatus.ONLINE)
     return revived

@@ -25,7 +25,7 @@ from django.utils import timezone
 
 from nodes import dispatch, events, task_waiters
 from nodes.models import FINAL_TASK_STATUSES, Node, NodeProtocol, Task, TaskStatus
-from nodes.node_rows import NodeRow, node_rows
+from nodes.node_rows import NodeRow, as_row, node_rows
 from nodes.protocol import execute_tool_data, frame, task_assign_data, task_data
 
 logger = logging.getLogger(__name__)
@@ -218,8 +218,8 @@ def task_dispatch_pending() -> Outgoing:
     first = next(queued, None)
     if first is None:
         return []  # the common case on a busy hub: no node rows to read
-    nodes, fresh = node_rows.get()
-    pass_ = DispatchPass(nodes, _in_flight_counts(), rows_are_fresh=fresh)
+    nodes, fresh, generation = node_rows.get()
+    pass_ = DispatchPass(nodes, _in_flight_counts(), rows_are_fresh=fresh, generation=generation)
     if pass_.free_slots():
         pass_.run(itertools.chain([first], queued))
     if not pass_.free_slots():
@@ -257,7 +257,12 @@ class DispatchPass:
     """One pass over queued tasks with the node rows and in-flight counts read once."""
 
     def __init__(
-        self, nodes: dict[str, NodeRow | Node], in_flight: dict[str, int], *, rows_are_fresh: bool = True
+        self,
+        nodes: dict[str, NodeRow],
+        in_flight: dict[str, int],
+        *,
+        rows_are_fresh: bool = True,
+        generation: int | None = None,
     ) -> None:
         self.nodes = nodes
         self.in_flight = in_flight
@@ -268,6 +273,7 @@ class DispatchPass:
         # up to date as the pass assigns: neither is a scan of every node per task.
         self._free = dispatch.FreeNodeIndex(nodes, in_flight)
         self._rows_are_fresh = rows_are_fresh
+        self._generation = generation  # of node_rows, to put newer rows back (None: not from there)
 
     def free_slots(self) -> bool:
         """Whether any node can take one more task; never "no" from kept rows."""
@@ -280,7 +286,7 @@ class DispatchPass:
         False when they were read now already."""
         if self._rows_are_fresh:
             return False
-        fresh, self._rows_are_fresh = node_rows.get(fresh=True)
+        fresh, self._rows_are_fresh, self._generation = node_rows.get(fresh=True)
         self.nodes.clear()
         self.nodes.update(fresh)
         self._free = dispatch.FreeNodeIndex(self.nodes, self.in_flight)
@@ -317,7 +323,8 @@ class DispatchPass:
         nodes, in_flight = self.nodes, self.in_flight
         for _ in range(5):
             node = self._free.choose(task)
-            if node is None and self._read_rows_again():
+            if (node is None or node.node_id in (task.tried_node_ids or ())) and self._read_rows_again():
+                # Never "no node", or "only a node it already ran on", from kept rows.
                 node = self._free.choose(task)
             if node is None:
                 return dispatch.waiting_reason(task, nodes.values(), in_flight)
@@ -329,23 +336,29 @@ class DispatchPass:
             if claim.assigned is not None:
                 self.outgoing.append(claim.assigned)
                 in_flight[node.node_id] = in_flight.get(node.node_id, 0) + 1
-                node.last_assigned_at = timezone.now()
-                self._free.update(node.node_id)
+                self._set_row(node.node_id, as_row(node, last_assigned_at=timezone.now()))
                 return None
             if claim.task_gone:
                 return None
-            if self._read_rows_again():  # rows kept from an earlier pass: all of them anew
-                continue
+            self._read_rows_again()  # rows kept from an earlier pass: all of them anew
             self._blocked.clear()  # fresher node rows: what blocked before may not now
             if claim.node is None or not dispatch.is_connected(claim.node):
-                nodes.pop(node.node_id, None)
-                node_rows.put(node.node_id, None)
+                self._set_row(node.node_id, None)
             else:
-                nodes[node.node_id] = claim.node
-                node_rows.put(node.node_id, claim.node)
                 in_flight[node.node_id] = claim.in_flight
-            self._free.update(node.node_id)
+                self._set_row(node.node_id, as_row(claim.node))
         return None
+
+    def _set_row(self, node_id: str, row: NodeRow | None) -> None:
+        """A newer row of a node (None: not a candidate) for this pass, the index and
+        later passes (rows are shared between passes, so never changed in place)."""
+        if row is None:
+            self.nodes.pop(node_id, None)
+        else:
+            self.nodes[node_id] = row
+        if self._generation is not None:
+            node_rows.put(self._generation, node_id, row)
+        self._free.update(node_id)
 
 
 def _settle_dependencies() -> None:

@@ -105,3 +105,49 @@ def test_no_task_waits_because_of_kept_rows():
     task = queue()
     assert dispatch_pass() == (["n2"], 1)
     assert Task.objects.get(pk=task.pk).waiting_reason == ""
+
+
+def test_a_retry_is_not_sent_back_to_the_node_it_ran_on_because_of_kept_rows():
+    """PROTOCOL §3.4: a retry goes to a different node when one is eligible, also
+    when that node connected in another process after the rows were read."""
+    make_node("n1", max_concurrent_tasks=5)
+    make_node("n2", status="offline", connection_id="", channel_name="", max_concurrent_tasks=5)
+    queue()
+    assert dispatch_pass()[0] == ["n1"]
+    from_another_process(
+        "UPDATE nodes_node SET status = 'online', connection_id = 'c-n2', channel_name = 'ch-n2' "
+        "WHERE node_id = %s",
+        ["n2"],
+    )
+    Task.objects.create(
+        task_id=task_services.new_task_id(), tool_name="echo", tried_node_ids=["n1"], attempts=1
+    )
+    assert dispatch_pass() == (["n2"], 1)
+
+
+def test_a_kept_row_out_of_date_costs_one_refused_claim_then_the_task_goes_elsewhere():
+    """Another process lowered n1's limit (a re-registration there): the kept row
+    still shows a free slot, the claim under the row lock refuses, the pass reads the
+    rows again and the task goes to n2 in the same pass, on its first attempt."""
+    make_node("n1", max_concurrent_tasks=2)
+    make_node("n2", max_concurrent_tasks=2, status="busy")  # less preferred than n1
+    queue()
+    assert dispatch_pass()[0] == ["n1"]
+    from_another_process("UPDATE nodes_node SET max_concurrent_tasks = 1 WHERE node_id = %s", ["n1"])
+    task = queue()
+    assert dispatch_pass() == (["n2"], 1)
+    assert Task.objects.get(pk=task.pk).attempts == 1
+
+
+def test_a_disconnect_in_this_process_removes_the_node_from_the_kept_rows(django_capture_on_commit_callbacks):
+    from nodes import services
+
+    make_node("n1", max_concurrent_tasks=5)
+    make_node("n2", max_concurrent_tasks=5)
+    queue()
+    first, _ = dispatch_pass()
+    other = "n2" if first == ["n1"] else "n1"  # preferred next: nothing in flight
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.node_disconnected(node_id=other, connection_id=f"c-{other}")
+    queue()
+    assert dispatch_pass() == (first, 0)  # no claim refused there, no second read of the rows
