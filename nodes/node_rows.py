@@ -119,6 +119,7 @@ class NodeRowCache:
             # then rolls back — the admin's node actions run a pass inside theirs —
             # are kept: like any kept row they only steer a choice the claim checks.)
             if self._generation == generation:
+                self._generation = generation = generation + 1  # older passes' puts miss
                 self._rows, self._read_at = rows, started
         return dict(rows), True, generation
 

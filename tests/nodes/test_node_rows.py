@@ -151,3 +151,15 @@ def test_a_disconnect_in_this_process_removes_the_node_from_the_kept_rows(django
         assert services.node_disconnected(node_id=other, connection_id=f"c-{other}")
     queue()
     assert dispatch_pass() == (first, 0)  # no claim refused there, no second read of the rows
+
+
+def test_a_late_row_from_a_pass_does_not_overwrite_rows_read_after_it():
+    from nodes.node_rows import node_rows
+
+    make_node("n1")
+    _, _, first = node_rows.get(fresh=True)
+    rows, _, second = node_rows.get(fresh=True)  # another pass read them again
+    node_rows.put(first, "n1", None)  # the first pass learns (late) that n1 was gone
+    assert "n1" in node_rows.get()[0]
+    node_rows.put(second, "n1", None)
+    assert "n1" not in node_rows.get()[0]
