@@ -10,7 +10,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from nodes import task_queue, task_services
-from nodes.models import Node, Task
+from nodes.models import Task
+from tests.nodes.test_tasks_services import make_node
 
 pytestmark = pytest.mark.django_db
 
@@ -19,17 +20,6 @@ pytestmark = pytest.mark.django_db
 def keep_rows(settings):
     settings.APEXBRIDGE_DISPATCH_NODE_ROWS_MS = 60_000  # kept for the whole test unless dropped
     return settings
-
-
-def make_node(node_id, **fields) -> Node:
-    values = {
-        "name": node_id,
-        "status": "online",
-        "connection_id": f"c-{node_id}",
-        "channel_name": f"ch-{node_id}",
-    }
-    values.update(fields)
-    return Node.objects.create(node_id=node_id, **values)
 
 
 def queue() -> Task:
