@@ -50,6 +50,7 @@ from nodes.service_health import (
     ResilientChannelReceiveMixin,
     database_health,
     is_database_outage,
+    is_lock_conflict,
     layer_health,
 )
 
@@ -69,6 +70,10 @@ BAD_INPUT_CODES = frozenset(
 DATABASE_UNAVAILABLE = ProtocolError(
     ErrorCode.SERVICE_UNAVAILABLE,
     "The hub's database is unavailable; nothing was changed, send it again shortly",
+)
+DATABASE_CONFLICT = ProtocolError(
+    ErrorCode.SERVICE_UNAVAILABLE,
+    "The hub's database met a conflicting change; nothing was changed, send it again",
 )
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
 
@@ -223,7 +228,10 @@ class NodeConsumer(
         except Exception as exc:
             if is_database_outage(exc):
                 database_health.failed(exc)
-                await self.reply_error(message_type, data, DATABASE_UNAVAILABLE)
+                conflict = is_lock_conflict(exc)
+                await self.reply_error(
+                    message_type, data, DATABASE_CONFLICT if conflict else DATABASE_UNAVAILABLE
+                )
                 return
             logger.exception("error handling %s from %s", message_type, self.node_id or self.connection_id)
             await self.send(

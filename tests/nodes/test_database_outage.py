@@ -39,6 +39,30 @@ async def test_a_registration_without_database_is_refused_as_service_unavailable
     assert (await node.request("node_register", REGISTER))["data"]["success"] is True
 
 
+async def test_a_lock_conflict_is_refused_as_service_unavailable_without_blaming_an_outage(
+    node_socket, monkeypatch
+):
+    from django.db import OperationalError
+
+    from nodes.service_health import database_health
+
+    class Deadlock(Exception):
+        sqlstate = "40P01"  # PostgreSQL's deadlock_detected, after the batch's own retries
+
+    def conflict(*args, **kwargs):
+        raise OperationalError("deadlock detected") from Deadlock()
+
+    node = await node_socket()
+    monkeypatch.setattr(registration_services, "node_register_many", conflict)
+    reply = await node.request("node_register", REGISTER)
+    assert reply["data"]["success"] is False
+    assert reply["data"]["error"]["code"] == "service_unavailable"
+    assert "conflicting change" in reply["data"]["error"]["message"]
+    assert database_health.available
+    monkeypatch.undo()
+    assert (await node.request("node_register", REGISTER))["data"]["success"] is True
+
+
 async def test_heartbeats_are_acknowledged_while_the_database_is_down(node_socket, monkeypatch):
     node = await node_socket()
     await node.register("n1")
