@@ -1,5 +1,7 @@
 """The connected nodes as the dispatch pass sees them: rows, and a copy of them kept
-between passes of this process (``node_rows``).
+between passes of this process (``node_rows``). The copy is a per-process cache of
+the database, never the truth: no other hub process needs to see it (STYLE), and no
+decision that it could get wrong is made from it alone.
 
 At 10,000 connected nodes reading them is ~30 ms, and a pass runs after every
 submission and every result. A pass may start from rows read up to
