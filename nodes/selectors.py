@@ -12,6 +12,7 @@ from django.db.models import BooleanField, Count, Q, QuerySet, Sum
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
+from apexbridge.db.prepared import Param, PreparedQuery
 from nodes.models import Node, NodeLog, NodeStatus, Task, TaskStatus
 from nodes.protocol import dt_ms
 
@@ -204,8 +205,12 @@ def tasks_per_minute(*, minutes: int = 30, now: datetime | None = None) -> list[
 # =====================================================================================
 
 
+_TASK = PreparedQuery(lambda: Task.objects.filter(pk=Param("task_id"))[:1])
+
+
 def task_get(*, task_id: str) -> Task | None:
-    return Task.objects.filter(pk=task_id).first()
+    """One task (read several times per task: by ``?wait=`` and the submit view)."""
+    return _TASK.first(task_id=task_id)
 
 
 def task_list(

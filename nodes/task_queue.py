@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from django.db import DatabaseError, connection, transaction
-from django.db.models import Count, F, OuterRef, Q, Subquery
+from django.db.models import Count, F, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
+from apexbridge.db.prepared import Param, PreparedQuery, PreparedUpdate, save_fields
 from nodes import dispatch, events, task_waiters
 from nodes.models import FINAL_TASK_STATUSES, Node, NodeProtocol, Task, TaskStatus
 from nodes.node_rows import NodeRow, as_row, node_rows
@@ -72,10 +73,60 @@ def publish_task(event_type: str, task: Task) -> None:
         transaction.on_commit(lambda: task_waiters.task_ended(task_id))
 
 
+def _node_in_flight(node_id: Any) -> QuerySet:
+    """The number of tasks in flight on a node, as a one-row (or no-row) query."""
+    return (
+        Task.objects.filter(status=TaskStatus.ASSIGNED, assigned_node_id=node_id)
+        .order_by()
+        .values("assigned_node_id")
+        .annotate(n=Count("task_id"))
+        .values("n")
+    )
+
+
+# The statements of a claim (a few per task): prepared, not built each time.
+_LOCKED_NODE = PreparedQuery(
+    lambda: Node.objects.select_for_update().filter(pk=Param("node_id")).only(*NODE_FIELDS)[:1]
+)
+_IN_FLIGHT = PreparedQuery(lambda: _node_in_flight(Param("node_id")).values_list("n", flat=True))
+_NODE_COUNTING = PreparedQuery(
+    lambda: (
+        Node.objects.filter(pk=Param("node_id"))
+        .only(*NODE_FIELDS)
+        .annotate(in_flight=Subquery(_node_in_flight(OuterRef("pk"))))[:1]
+    )
+)
+_QUEUED_TASK_LOCKED = PreparedQuery(
+    lambda: Task.objects.select_for_update(skip_locked=True).filter(
+        pk=Param("task_id"), status=TaskStatus.QUEUED
+    )[:1]
+)
+_NODE_ASSIGNED = PreparedUpdate(
+    lambda: (
+        Node.objects.filter(pk=Param("node_id")),
+        {
+            "total_tasks": F("total_tasks") + 1,
+            "last_assigned_at": Param("now", Node._meta.get_field("last_assigned_at")),
+        },
+    )
+)
+CLAIM_FIELDS = (
+    "status",
+    "attempts",
+    "assigned_node_id",
+    "assigned_connection_id",
+    "assigned_at",
+    "deadline_at",
+    "not_before",
+    "waiting_reason",
+    "tried_node_ids",
+)
+
+
 def lock_node(node_id: str) -> Node | None:
     if not node_id:
         return None
-    return Node.objects.select_for_update().filter(pk=node_id).only(*NODE_FIELDS).first()
+    return _LOCKED_NODE.first(node_id=node_id)
 
 
 def _lock_node_counting(node_id: str) -> tuple[Node | None, int]:
@@ -91,28 +142,25 @@ def _lock_node_counting(node_id: str) -> tuple[Node | None, int]:
         node = lock_node(node_id)
         if node is None:
             return None, 0
-        return node, Task.objects.filter(status=TaskStatus.ASSIGNED, assigned_node_id=node_id).count()
-    in_flight = (
-        Task.objects.filter(status=TaskStatus.ASSIGNED, assigned_node_id=OuterRef("pk"))
-        .order_by()
-        .values("assigned_node_id")
-        .annotate(n=Count("task_id"))
-        .values("n")
-    )
-    node = Node.objects.filter(pk=node_id).only(*NODE_FIELDS).annotate(in_flight=Subquery(in_flight)).first()
+        return node, _IN_FLIGHT.first(node_id=node_id) or 0
+    node = _NODE_COUNTING.first(node_id=node_id)
     return node, (node.in_flight or 0) if node is not None else 0
 
 
-def _in_flight_counts() -> dict[str, int]:
-    """Tasks in flight per node that has any (not filtered by node: an ``IN`` of every
-    connected node cost more to build than the count, ~60 ms at 10,000 nodes)."""
-    rows = (
+_IN_FLIGHT_COUNTS = PreparedQuery(
+    lambda: (
         Task.objects.filter(status=TaskStatus.ASSIGNED)
         .values_list("assigned_node_id")
         .annotate(n=Count("task_id"))
         .order_by()
     )
-    return dict(rows)
+)
+
+
+def _in_flight_counts() -> dict[str, int]:
+    """Tasks in flight per node that has any (not filtered by node: an ``IN`` of every
+    connected node cost more to build than the count, ~60 ms at 10,000 nodes)."""
+    return dict(_IN_FLIGHT_COUNTS.all())
 
 
 @dataclass
@@ -129,11 +177,7 @@ def claim_task(task_id: str, node_id: str) -> Claim:
         node, in_flight = _lock_node_counting(node_id)
         if node is None:
             return Claim()
-        task = (
-            Task.objects.select_for_update(skip_locked=True)
-            .filter(pk=task_id, status=TaskStatus.QUEUED)
-            .first()
-        )
+        task = _QUEUED_TASK_LOCKED.first(task_id=task_id)
         now = timezone.now()
         if task is None or task.dependencies_pending or (task.not_before and task.not_before > now):
             return Claim(task_gone=True)
@@ -149,20 +193,8 @@ def claim_task(task_id: str, node_id: str) -> Claim:
         task.waiting_reason = ""
         if node.node_id not in task.tried_node_ids:
             task.tried_node_ids = [*task.tried_node_ids, node.node_id]
-        task.save(
-            update_fields=[
-                "status",
-                "attempts",
-                "assigned_node_id",
-                "assigned_connection_id",
-                "assigned_at",
-                "deadline_at",
-                "not_before",
-                "waiting_reason",
-                "tried_node_ids",
-            ]
-        )
-        Node.objects.filter(pk=node_id).update(total_tasks=F("total_tasks") + 1, last_assigned_at=now)
+        save_fields(task, CLAIM_FIELDS)
+        _NODE_ASSIGNED.run(node_id=node_id, now=now)
         publish_task("task_assigned", task)
     if node.protocol == NodeProtocol.VCP:
         message = node_message(
@@ -211,10 +243,7 @@ def task_dispatch_pending() -> Outgoing:
     free slot reaches them)."""
     _settle_dependencies()
     now = timezone.now()
-    ready = Task.objects.filter(status=TaskStatus.QUEUED, dependencies_pending=False).filter(
-        Q(not_before__isnull=True) | Q(not_before__lte=now)
-    )
-    queued = _in_order(ready)
+    queued = _in_order(_FIRST_PAGE.all(now=now), lambda: _ready(now))
     first = next(queued, None)
     if first is None:
         return []  # the common case on a busy hub: no node rows to read
@@ -223,34 +252,57 @@ def task_dispatch_pending() -> Outgoing:
     if pass_.free_slots():
         pass_.run(itertools.chain([first], queued))
     if not pass_.free_slots():
-        pass_.run(_in_order(ready.filter(waiting_reason="")))
+        pass_.run(
+            _in_order(_FIRST_PAGE_WITHOUT_REASON.all(now=now), lambda: _ready(now).filter(waiting_reason=""))
+        )
     pass_.save_reasons()
     return pass_.outgoing
 
 
-def _in_order(queued) -> Iterator[QueuedTask]:
+def _ready(now: Any) -> QuerySet:
+    """Queued tasks a node may take now (dependencies settled, back-off over)."""
+    return Task.objects.filter(status=TaskStatus.QUEUED, dependencies_pending=False).filter(
+        Q(not_before__isnull=True) | Q(not_before__lte=now)
+    )
+
+
+def _page(queued: QuerySet) -> QuerySet:
+    return queued.order_by("-priority", "created_at", "task_id").values_list(
+        "priority", "created_at", *QUEUED_TASK_FIELDS
+    )
+
+
+# The first page of a pass (every pass reads it): prepared, not built each time.
+_FIRST_PAGE = PreparedQuery(
+    lambda: _page(_ready(Param("now", Task._meta.get_field("not_before"))))[:DISPATCH_PAGE]
+)
+_FIRST_PAGE_WITHOUT_REASON = PreparedQuery(
+    lambda: _page(_ready(Param("now", Task._meta.get_field("not_before"))).filter(waiting_reason=""))[
+        :DISPATCH_PAGE
+    ]
+)
+
+
+def _in_order(first_page: list[tuple], queued: Callable[[], QuerySet]) -> Iterator[QueuedTask]:
     """Up to ``DISPATCH_BATCH`` queued tasks, highest priority and oldest first, read a
-    page at a time (no cursor stays open while tasks are claimed)."""
-    after: Q | None = None
+    page at a time (no cursor stays open while tasks are claimed), starting from
+    ``first_page`` (``_page(queued())[:DISPATCH_PAGE]``, already read)."""
+    rows = first_page
     remaining = DISPATCH_BATCH
-    while remaining > 0:
-        page = queued.filter(after) if after is not None else queued
-        rows = list(
-            page.order_by("-priority", "created_at", "task_id").values_list(
-                "priority", "created_at", *QUEUED_TASK_FIELDS
-            )[: min(DISPATCH_PAGE, remaining)]
-        )
+    while True:
+        page_size = min(DISPATCH_PAGE, remaining)
         for row in rows:
             yield QueuedTask(*row[2:])
-        if len(rows) < min(DISPATCH_PAGE, remaining):
-            return
         remaining -= len(rows)
+        if len(rows) < page_size or remaining <= 0:
+            return
         priority, created_at, task_id = rows[-1][:3]
         after = (
             Q(priority__lt=priority)
             | Q(priority=priority, created_at__gt=created_at)
             | Q(priority=priority, created_at=created_at, task_id__gt=task_id)
         )
+        rows = list(_page(queued().filter(after))[: min(DISPATCH_PAGE, remaining)])
 
 
 class DispatchPass:
@@ -361,15 +413,18 @@ class DispatchPass:
         self._free.update(node_id)
 
 
+_WAITING_FOR_DEPENDENCIES = PreparedQuery(  # read by every pass
+    lambda: Task.objects.filter(status=TaskStatus.QUEUED, dependencies_pending=True).values_list(
+        "task_id", "depends_on"
+    )[:SWEEP_BATCH]
+)
+
+
 def _settle_dependencies() -> None:
     """Release tasks whose dependencies all succeeded; cancel those with a dependency
     that ended any other way (and, in turn, their own dependents)."""
     for _ in range(10):
-        waiting = list(
-            Task.objects.filter(status=TaskStatus.QUEUED, dependencies_pending=True).values_list(
-                "task_id", "depends_on"
-            )[:SWEEP_BATCH]
-        )
+        waiting = _WAITING_FOR_DEPENDENCIES.all()
         if not waiting:
             return
         statuses = dict(

@@ -9,6 +9,7 @@ is not for the current attempt of this node on this connection is refused
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.utils import timezone
 
+from apexbridge.db.prepared import Param, PreparedQuery, save_fields
 from nodes.models import Node, Task, TaskStatus
 from nodes.protocol import ErrorCode, ProtocolError
 from nodes.task_queue import publish_task
@@ -90,9 +92,7 @@ def task_complete_many(*, results: list[TaskResult]) -> list[Task | ProtocolErro
     node_ids = sorted({result.node_id for result in results})
     if connection.features.has_select_for_update:  # SQLite: BEGIN IMMEDIATE serialises writers
         list(Node.objects.select_for_update().filter(pk__in=node_ids).order_by("pk").values_list("pk"))
-    tasks = {
-        task.task_id: task for task in Task.objects.select_for_update().filter(pk__in=task_ids).order_by("pk")
-    }
+    tasks = {task.task_id: task for task in _locked_tasks(task_ids)}
     now = timezone.now()
     stats: dict[str, Counter] = {}
     outcomes: list[Task | ProtocolError] = []
@@ -112,6 +112,16 @@ def task_complete_many(*, results: list[TaskResult]) -> list[Task | ProtocolErro
     return outcomes
 
 
+_TASK_LOCKED = PreparedQuery(lambda: Task.objects.select_for_update().filter(pk=Param("task_id")))
+
+
+def _locked_tasks(task_ids: list[str]) -> Iterable[Task]:
+    """The tasks, locked in id order (one result at a time is the common case: prepared)."""
+    if len(task_ids) == 1:
+        return _TASK_LOCKED.all(task_id=task_ids[0])
+    return Task.objects.select_for_update().filter(pk__in=task_ids).order_by("pk")
+
+
 def _apply_result(task: Task, result: TaskResult, now: datetime, node_stats: Counter) -> None:
     elapsed_ms = timedelta_ms(now - task.assigned_at) if task.assigned_at else 0
     task.execution_time_ms = result.execution_time_ms if result.execution_time_ms is not None else elapsed_ms
@@ -121,21 +131,19 @@ def _apply_result(task: Task, result: TaskResult, now: datetime, node_stats: Cou
         task.error = None
         task.finished_at = now
         task.deadline_at = None
-        task.save(
-            update_fields=["status", "result", "error", "execution_time_ms", "finished_at", "deadline_at"]
-        )
+        save_fields(task, ("status", "result", "error", "execution_time_ms", "finished_at", "deadline_at"))
         node_stats.update(completed_tasks=1, total_response_time_ms=elapsed_ms)
         publish_task("task_succeeded", task)
         return
     error = dict(result.error or {"code": "tool_error", "message": "The node reported a failure"})
     node_stats.update(failed_tasks=1)
     if error.get("retryable"):
-        task.save(update_fields=["execution_time_ms"])
+        save_fields(task, ("execution_time_ms",))
         retry_or_finish(task, error=error, final_status=TaskStatus.FAILED, now=now)
     else:
         task.status = TaskStatus.FAILED
         task.error = error
         task.finished_at = now
         task.deadline_at = None
-        task.save(update_fields=["status", "error", "execution_time_ms", "finished_at", "deadline_at"])
+        save_fields(task, ("status", "error", "execution_time_ms", "finished_at", "deadline_at"))
         publish_task("task_failed", task)

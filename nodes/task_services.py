@@ -29,6 +29,7 @@ from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
+from apexbridge.db.prepared import Param, PreparedUpdate, insert
 from nodes.models import Node, NodeProtocol, Task, TaskStatus
 from nodes.protocol import task_cancel_data
 from nodes.task_queue import (
@@ -149,15 +150,27 @@ def dispatch_and_send() -> None:
         logger.warning("dispatch pass failed; the next sweep retries", exc_info=True)
 
 
+_stats_updates: dict[tuple[str, ...], PreparedUpdate] = {}
+
+
 def node_stats_add(node_id: str, **increments: int) -> None:
-    if node_id:
-        Node.objects.filter(pk=node_id).update(
-            **{name: F(name) + value for name, value in increments.items()}
+    """Add to a node's counters (one UPDATE, prepared per set of counters: a few per task)."""
+    if not node_id:
+        return
+    names = tuple(sorted(increments))
+    update = _stats_updates.get(names)
+    if update is None:
+        changes = {name: F(name) + Param(name, Node._meta.get_field(name)) for name in names}
+        update = _stats_updates.setdefault(
+            names, PreparedUpdate(lambda: (Node.objects.filter(pk=Param("node_id")), changes))
         )
+    update.run(node_id=node_id, **increments)
 
 
 # --- submission --------------------------------------------------------------------------
 def _check_dependencies(task_id: str, depends_on: list[str]) -> None:
+    if not depends_on:
+        return
     known = set(Task.objects.filter(pk__in=depends_on).values_list("task_id", flat=True))
     unknown = [d for d in depends_on if d not in known]
     if unknown:
@@ -202,20 +215,22 @@ def task_submit(
     try:
         with transaction.atomic():
             _check_dependencies(task_id, deps)
-            task = Task.objects.create(
-                task_id=task_id,
-                tool_name=tool_name,
-                tool_args={} if tool_args is None else tool_args,
-                capability=capability or "",
-                node_id=node_id or "",
-                priority=priority,
-                timeout_ms=timeout_ms or settings.APEXBRIDGE_TASK_DEFAULT_TIMEOUT_MS,
-                max_retries=settings.APEXBRIDGE_TASK_MAX_RETRIES if max_retries is None else max_retries,
-                idempotency_key=idempotency_key or None,
-                depends_on=deps,
-                dependencies_pending=bool(deps),
-                waiting_reason=f"waiting for dependencies: {', '.join(deps)}"[:255] if deps else "",
-                created_by=created_by,
+            task = insert(
+                Task(
+                    task_id=task_id,
+                    tool_name=tool_name,
+                    tool_args={} if tool_args is None else tool_args,
+                    capability=capability or "",
+                    node_id=node_id or "",
+                    priority=priority,
+                    timeout_ms=timeout_ms or settings.APEXBRIDGE_TASK_DEFAULT_TIMEOUT_MS,
+                    max_retries=settings.APEXBRIDGE_TASK_MAX_RETRIES if max_retries is None else max_retries,
+                    idempotency_key=idempotency_key or None,
+                    depends_on=deps,
+                    dependencies_pending=bool(deps),
+                    waiting_reason=f"waiting for dependencies: {', '.join(deps)}"[:255] if deps else "",
+                    created_by=created_by,
+                )
             )
             publish_task("task_queued", task)
     except IntegrityError:
