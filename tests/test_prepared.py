@@ -190,3 +190,12 @@ def test_insert_of_a_duplicate_fails_and_writes_nothing():
     with pytest.raises(IntegrityError), transaction.atomic():
         insert(Task(task_id="t-2", tool_name="echo", idempotency_key="same"))
     assert list(Task.objects.values_list("task_id", flat=True)) == ["t-1"]
+
+
+def test_a_failed_prepared_write_inside_an_atomic_block_rolls_the_block_back_as_the_orm_does():
+    with transaction.atomic():
+        insert(Task(task_id="t-1", tool_name="echo", idempotency_key="same"))
+        with pytest.raises(IntegrityError):
+            insert(Task(task_id="t-2", tool_name="echo", idempotency_key="same"))
+        assert connection.needs_rollback  # no partial work can be committed
+    assert not Task.objects.exists()

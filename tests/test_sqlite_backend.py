@@ -92,3 +92,61 @@ def test_djangos_connection_reuses_the_raw_connection_and_starts_clean():
     assert connection.get_autocommit() and not connection.in_atomic_block
     Node.objects.create(node_id="after-reuse", name="n")
     assert Node.objects.filter(pk="after-reuse").exists()
+
+
+def test_the_limit_is_for_all_files_together(tmp_path):
+    idle = IdleConnections(keep=2)
+    keys, conns = [], []
+    for name in ("a", "b", "c"):
+        conns.append(open_with_table(tmp_path / f"{name}.sqlite3"))
+        keys.append(IdleConnections.key(params_for(tmp_path / f"{name}.sqlite3"), []))
+    assert [idle.give(key, conn) for key, conn in zip(keys, conns, strict=True)] == [True, True, False]
+
+
+def test_connections_to_a_deleted_file_are_closed_not_kept(tmp_path):
+    idle = IdleConnections(keep=4)
+    path = tmp_path / "a.sqlite3"
+    old = open_with_table(path)
+    assert idle.give(IdleConnections.key(params_for(path), []), old)
+    os.remove(path)
+    open_with_table(path).close()
+    # the next use of the path finds the old file's connection stale and closes it
+    assert idle.take(IdleConnections.key(params_for(path), [])) is None
+    with pytest.raises(sqlite3.ProgrammingError):
+        old.execute("SELECT 1")
+    # and a test database is let go before it is deleted
+    kept = open_with_table(path)
+    assert idle.give(IdleConnections.key(params_for(path), []), kept)
+    idle.forget_file(str(path))
+    with pytest.raises(sqlite3.ProgrammingError):
+        kept.execute("SELECT 1")
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="the embedded SQLite backend's own behaviour")
+@pytest.mark.django_db(transaction=True)
+def test_a_reused_connection_gets_what_a_new_one_gets_whatever_its_last_user_changed():
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA foreign_keys = OFF")
+    raw = connection.connection
+    connection.close()
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA foreign_keys")
+        assert cursor.fetchone() == (1,)
+    assert connection.connection is raw
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="the embedded SQLite backend's own behaviour")
+@pytest.mark.django_db(transaction=True)
+def test_a_connection_closed_inside_an_atomic_block_is_not_handed_to_anyone_else():
+    from django.db import transaction
+
+    from apexbridge.db.sqlite3.base import idle_connections
+
+    idle_connections.close_all()
+    with transaction.atomic():
+        connection.ensure_connection()
+        raw = connection.connection
+        connection.close()
+        assert idle_connections.take(connection._idle_key) is None
+    connection.close()
+    assert idle_connections.take(connection._idle_key) is not raw

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.db.models import Expression, Field, QuerySet
 from django.db.models.query import (
     FlatValuesListIterable,
@@ -194,7 +194,7 @@ class PreparedQuery:
         if compiler.has_composite_fields(fields):
             raise TypeError("PreparedQuery: composite fields are not supported")
         converters = tuple(
-            (position, tuple(convs), expression)
+            (position, tuple(_unbound(convert, connection) for convert in convs), expression)
             for position, (convs, expression) in compiler.get_converters(fields).items()
         )
         base = _with_slots(sql, params, connection.vendor)
@@ -241,12 +241,27 @@ def _values_list_order(queryset: QuerySet) -> Callable | None:
     return (lambda row: (getter(row),)) if len(fields) == 1 else getter
 
 
+def _unbound(convert: Callable, connection) -> tuple[Callable, bool]:
+    """A converter, and whether it is a method of the backend's operations: those are
+    bound to the running connection's at each run. Kept bound to the connection that
+    compiled the query, they would keep that connection (and its database file) open
+    for the life of the process."""
+    if getattr(convert, "__self__", None) is connection.ops:
+        return convert.__func__, True
+    return convert, False
+
+
 def _converted(row, converters, connection) -> list:
     row = list(row)
+    ops = connection.ops
     for position, convs, expression in converters:
         value = row[position]
-        for converter in convs:
-            value = converter(value, expression, connection)
+        for converter, of_ops in convs:
+            value = (
+                converter(ops, value, expression, connection)
+                if of_ops
+                else converter(value, expression, connection)
+            )
         row[position] = value
     return row
 
@@ -264,7 +279,8 @@ class PreparedUpdate:
     def run(self, **values: Any) -> int:
         connection = connections[self._compiled.using]
         compiled: _Compiled = self._compiled.get(connection, self._compile)
-        with connection.cursor() as cursor:
+        # As QuerySet.update: a failed write inside an atomic block marks it for rollback.
+        with transaction.mark_for_rollback_on_error(connection.alias), connection.cursor() as cursor:
             cursor.execute(compiled.sql, compiled.values_for(values, connection))
             return cursor.rowcount
 
@@ -320,7 +336,7 @@ class PreparedInsert:
         connection = connections[self._compiled.using]
         compiled: _Compiled = self._compiled.get(connection, self._compile)
         values = {field.attname: field.pre_save(instance, True) for field in self.fields}
-        with connection.cursor() as cursor:
+        with transaction.mark_for_rollback_on_error(connection.alias), connection.cursor() as cursor:
             cursor.execute(compiled.sql, compiled.values_for(values, connection))
         instance._state.adding = False
         instance._state.db = connection.alias

@@ -21,6 +21,11 @@ from nodes.protocol import NodeRegisterPayload, ProtocolError
 
 SHARED = KeyIdentity(kind="shared", name="shared")
 
+# Every batcher hop closes the database thread's old connections, which touches a
+# connection an earlier test in the same worker may have left open there: the tests
+# without a database of their own still need database access allowed.
+pytestmark = pytest.mark.django_db
+
 
 @pytest.fixture(autouse=True)
 async def _database_thread_closed():
@@ -328,8 +333,6 @@ async def test_the_same_result_sent_twice_at_once_is_applied_once_and_the_repeat
     assert (await Node.objects.aget(pk="n1")).completed_tasks == 1
 
 
-# The hop closes the database thread's old connections: an earlier test may have left one.
-@pytest.mark.django_db
 async def test_a_batch_that_meets_a_deadlock_is_tried_again_not_reported_as_an_outage():
     class Deadlock(Exception):
         sqlstate = "40P01"
