@@ -6,30 +6,76 @@ connection this process serves.
 """
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import django
 from asgiref.sync import sync_to_async
-from django.core.handlers.asgi import ASGIHandler
+from django.conf import settings
+from django.core import signals
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.http import FileResponse
+from django.urls import set_script_prefix
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "apexbridge.settings")
 django.setup(set_prefix=False)
 
+REQUEST_THREADS = ThreadPoolExecutor(
+    max_workers=settings.APEXBRIDGE_HTTP_THREADS, thread_name_prefix="apexbridge-http"
+)
+
 
 class OneHopASGIHandler(ASGIHandler):
-    """Django's ASGI handler, running a request's middleware and view in one thread
-    hop, as under WSGI.
+    """Django's ASGI handler, running each request in one hop to a pooled thread, as a
+    threaded WSGI server does.
 
     The hub's views are all sync. Django's own handler builds an async middleware
     chain and runs each sync middleware method (``process_request``,
-    ``process_view``, ``process_response``) in a thread hop of its own: about 14
-    hops per API request, where the whole request needs one. An async view would
-    still work (Django adapts it), through one more hop."""
+    ``process_view``, ``process_response``) in a thread hop of its own, plus a hop
+    for ``request_started`` and one for ``response.close()`` (``request_finished``),
+    all in a thread started for that request: about 16 hops and a thread per API
+    request. Here the signals, the middleware and the view run in one hop, in a
+    thread of ``REQUEST_THREADS``: an idle one is reused, a new one started while
+    all are busy, up to ``APEXBRIDGE_HTTP_THREADS`` (a ``?wait`` request holds its
+    thread while it waits). Database connections therefore open and close in the
+    thread that uses them (``request_started``/``request_finished`` close them, as
+    under WSGI). A streaming response is sent and closed as Django does; an async
+    view would still work (Django adapts it), through one more hop."""
 
     def load_middleware(self, is_async: bool = False) -> None:
         super().load_middleware(is_async=False)
 
-    async def get_response_async(self, request):
-        return await sync_to_async(self.get_response, thread_sensitive=True)(request)
+    async def handle(self, scope, receive, send):
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        try:
+            response = await sync_to_async(self._respond, thread_sensitive=False, executor=REQUEST_THREADS)(
+                scope, body_file
+            )
+            try:
+                await self.send_response(response, send)
+            finally:
+                if response.streaming:  # closed after its body was sent, as Django does
+                    await sync_to_async(response.close)()
+        finally:
+            body_file.close()
+
+    def _respond(self, scope, body_file):
+        """The whole sync side of a request, in one thread: what Django's handler
+        spreads over its hops, in the same order."""
+        set_script_prefix(get_script_prefix(scope))
+        signals.request_started.send(sender=self.__class__, scope=scope)
+        request, response = self.create_request(scope, body_file)
+        if request is not None:
+            response = self.get_response(request)
+            response._handler_class = self.__class__
+            if isinstance(response, FileResponse):
+                response.block_size = self.chunk_size
+        if not response.streaming:  # its body is in memory: finish the request here
+            response.close()
+        return response
 
 
 django_asgi_app = OneHopASGIHandler()

@@ -10,7 +10,7 @@ import re
 from django.conf import settings
 from rest_framework import serializers
 
-from nodes.api.serializers import TaskSerializer
+from nodes.api.serializers import FieldsBuiltOnce, TaskSerializer
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 MAX_WAIT_SECONDS = 60
@@ -28,7 +28,7 @@ class StrictCharField(serializers.CharField):
         return super().to_internal_value(data)
 
 
-class TaskSubmitSerializer(serializers.Serializer):
+class TaskSubmitSerializer(FieldsBuiltOnce, serializers.Serializer):
     toolName = StrictCharField(max_length=128)  # noqa: N815
     toolArgs = serializers.DictField(required=False, default=dict)  # noqa: N815
     capability = StrictCharField(max_length=128, required=False, allow_blank=True, allow_null=True)
@@ -77,7 +77,7 @@ class TaskSubmitSerializer(serializers.Serializer):
         }
 
 
-class WaitQuerySerializer(serializers.Serializer):
+class WaitQuerySerializer(FieldsBuiltOnce, serializers.Serializer):
     wait = serializers.FloatField(
         min_value=0,
         max_value=MAX_WAIT_SECONDS,

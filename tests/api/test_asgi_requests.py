@@ -1,18 +1,24 @@
 """HTTP requests through the hub's own ASGI application (apexbridge/asgi.py), whose
-handler runs a request's middleware and view in one thread hop: every middleware
-must still do its job, and the API's token check must still be exact."""
+handler runs a request's signals, middleware and view in one hop to a pooled thread:
+every middleware must still do its job, the API's token check must still be exact,
+and each request must still finish (its database connection closed) in its thread."""
 
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import HttpCommunicator
 from django.contrib.auth import get_user_model
+from django.core.signals import request_finished, request_started
+from django.db import connection
+from django.db.backends.signals import connection_created
+from django.http import StreamingHttpResponse
 from rest_framework.authtoken.models import Token
 
-from apexbridge.asgi import application
+from apexbridge.asgi import OneHopASGIHandler, application
 from nodes.models import Task
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -72,3 +78,86 @@ async def test_a_task_submitted_by_token_is_queued_and_a_deleted_token_is_refuse
     status, _, answer = await request("POST", "/api/tasks", body=body, headers=headers)
     assert status == 401
     assert await Task.objects.acount() == 1  # nothing more was queued
+
+
+@pytest.fixture
+def request_signals():
+    """Which thread ``request_started`` and ``request_finished`` ran in, and whether
+    that thread still held a database connection when the request finished."""
+    seen = {"started": [], "connected": [], "finished": []}
+
+    def started(**kwargs):
+        seen["started"].append(threading.get_ident())
+
+    def connected(**kwargs):
+        seen["connected"].append(threading.get_ident())
+
+    def finished(**kwargs):  # connected after Django's close_old_connections: runs after it
+        seen["finished"].append((threading.get_ident(), connection.connection is None))
+
+    request_started.connect(started)
+    connection_created.connect(connected)
+    request_finished.connect(finished)
+    yield seen
+    request_started.disconnect(started)
+    connection_created.disconnect(connected)
+    request_finished.disconnect(finished)
+
+
+async def test_a_request_starts_and_finishes_in_the_thread_that_used_the_database(
+    staff_token, request_signals
+):
+    key = await database_sync_to_async(staff_token)()
+    headers = [(b"authorization", f"Token {key}".encode())]
+    request_signals["connected"].clear()  # the token's creation
+
+    for _ in range(2):
+        status, _, answer = await request("GET", "/api/tasks/no-such-task", headers=headers)
+        assert status == 404, answer  # the token and the task were looked up in the database
+
+    # Each request's connection was closed where it was opened (CONN_MAX_AGE = 0), not
+    # left open in a thread that a later request would pick up
+    seen = request_signals
+    assert len(seen["started"]) == len(seen["connected"]) == len(seen["finished"]) == 2
+    threads = zip(seen["started"], seen["connected"], seen["finished"], strict=True)
+    for started_in, connected_in, (finished_in, closed) in threads:
+        assert started_in == connected_in == finished_in
+        assert closed
+
+
+async def test_a_request_that_cannot_be_decoded_is_refused_and_still_finished(request_signals):
+    communicator = HttpCommunicator(application, "GET", "/api/schema/", headers=[(b"host", b"localhost")])
+    communicator.scope["query_string"] = b"format=\xff"  # not UTF-8
+    response = await communicator.get_response(timeout=10)
+    assert response["status"] == 400
+    assert len(request_signals["finished"]) == 1
+
+
+async def test_a_streaming_response_is_sent_whole_then_closed(request_signals, monkeypatch):
+    closed = []
+    handler = OneHopASGIHandler()
+
+    async def parts():
+        yield b"first,"
+        yield b"second"
+
+    def stream(request):
+        response = StreamingHttpResponse(parts(), content_type="text/plain")
+        response._resource_closers.append(lambda: closed.append(True))
+        return response
+
+    monkeypatch.setattr(handler, "get_response", stream)
+    communicator = HttpCommunicator(handler, "GET", "/anything", headers=[(b"host", b"localhost")])
+    await communicator.send_input({"type": "http.request", "body": b""})
+    start = await communicator.receive_output(timeout=10)
+    assert start["status"] == 200
+    body = b""
+    while True:
+        message = await communicator.receive_output(timeout=10)
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await communicator.wait(timeout=10)
+    assert body == b"first,second"
+    assert closed == [True]
+    assert len(request_signals["finished"]) == 1
