@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import django
 from asgiref.sync import sync_to_async
+from django.apps import apps
 from django.conf import settings
 from django.core import signals
 from django.core.exceptions import RequestAborted
@@ -18,7 +19,8 @@ from django.http import FileResponse
 from django.urls import set_script_prefix
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "apexbridge.settings")
-django.setup(set_prefix=False)
+if not apps.ready:  # set up already (tests, a management command): not again, which
+    django.setup(set_prefix=False)  # would configure logging anew mid-run
 
 REQUEST_THREADS = ThreadPoolExecutor(
     max_workers=settings.APEXBRIDGE_HTTP_THREADS, thread_name_prefix="apexbridge-http"

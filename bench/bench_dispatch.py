@@ -130,7 +130,7 @@ def main() -> None:
             "pass ms, rows read",
             "µs per node",
             "statements",
-            "pass ms, rows kept",
+            "pass ms, rows and index kept",
             "statements",
             f"burst of {args.burst}: pass ms",
             "ms per task",
@@ -139,7 +139,8 @@ def main() -> None:
         [
             "One queued task, every node eligible and free; the pass assigns it. 'rows read': the pass",
             "reads every connected node (APEXBRIDGE_DISPATCH_NODE_ROWS_MS=0, or the first pass after",
-            "the age ran out); 'rows kept': it starts from the rows an earlier pass read.",
+            "the age ran out); 'rows kept': it starts from the rows an earlier pass read and, from",
+            "the second run on, from the index over them that the pass before kept (node_rows.start_pass).",
             f"Burst: {args.burst} tasks queued at once; one pass (rows read) hands out min({args.burst}, N).",
         ],
     )

@@ -95,24 +95,48 @@ def connected_node_rows() -> dict[str, NodeRow]:
     }
 
 
+@dataclass(slots=True)
+class PassStart:
+    """What a dispatch pass starts from: the index over the node rows and in-flight
+    counts (``index.nodes``, ``index.in_flight``: the pass's own to change), whether
+    the rows were read just now, and where they came from (to ``put`` newer rows
+    back, and to ``keep`` the index for the next pass)."""
+
+    index: dispatch.FreeNodeIndex
+    fresh: bool
+    generation: int
+    position: int
+
+
 class NodeRowCache:
     """This process's last read of the connected nodes (thread-safe: passes also run
     outside the database thread, in admin requests and management commands). Rows
-    are never changed in place: a pass that learns something newer puts a new row."""
+    are never changed in place: a pass that learns something newer puts a new row.
+
+    It also keeps the last pass's ``FreeNodeIndex`` (built from these rows, one look
+    at every node): the next pass takes it and updates only the nodes whose row
+    changed since (logged by ``put`` and ``discard``) or whose in-flight count did.
+    A pass has the index to itself; one that finds none builds its own."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._rows: dict[str, NodeRow] | None = None
         self._read_at = 0.0
         self._generation = 0
+        self._changed: list[str] = []  # nodes whose row changed, in order, this generation
+        self._kept: PassStart | None = None
 
     def get(self, *, fresh: bool = False) -> tuple[dict[str, NodeRow], bool, int]:
         """A copy of the rows (the pass adds and removes entries), whether they were
         read just now, and the generation to ``put`` newer rows back into."""
+        rows, fresh, generation, _ = self._get(fresh)
+        return rows, fresh, generation
+
+    def _get(self, fresh: bool) -> tuple[dict[str, NodeRow], bool, int, int]:
         max_age_s = settings.APEXBRIDGE_DISPATCH_NODE_ROWS_MS / 1000
         with self._lock:
             if not fresh and self._rows is not None and time.monotonic() - self._read_at < max_age_s:
-                return dict(self._rows), False, self._generation
+                return dict(self._rows), False, self._generation, len(self._changed)
             generation = self._generation
         started = time.monotonic()
         rows = connected_node_rows()
@@ -121,9 +145,49 @@ class NodeRowCache:
             # then rolls back — the admin's node actions run a pass inside theirs —
             # are kept: like any kept row they only steer a choice the claim checks.)
             if self._generation == generation:
-                self._generation = generation = generation + 1  # older passes' puts miss
+                self._new_generation()
+                generation = self._generation
                 self._rows, self._read_at = rows, started
-        return dict(rows), True, generation
+        return dict(rows), True, generation, 0
+
+    def _new_generation(self) -> None:
+        """Older passes' ``put``s miss from now on; the kept index is of older rows."""
+        self._generation += 1
+        self._changed = []
+        self._kept = None
+
+    def start_pass(self, in_flight: dict[str, int], *, fresh: bool = False) -> PassStart:
+        """The index a dispatch pass starts from, with these in-flight counts (read
+        by the pass): the one kept from the previous pass brought up to date when
+        its rows may still be used, else one built from the rows."""
+        max_age_s = settings.APEXBRIDGE_DISPATCH_NODE_ROWS_MS / 1000
+        with self._lock:
+            kept, self._kept = self._kept, None
+            usable = (
+                not fresh
+                and kept is not None
+                and self._rows is not None
+                and kept.generation == self._generation
+                and time.monotonic() - self._read_at < max_age_s
+            )
+            if usable:
+                changed = {node_id: self._rows.get(node_id) for node_id in self._changed[kept.position :]}
+                position = len(self._changed)
+        if usable:
+            index = kept.index
+            for node_id, row in changed.items():
+                index.set_row(node_id, row)
+            index.set_in_flight(in_flight)
+            return PassStart(index, False, kept.generation, position)
+        rows, is_fresh, generation, position = self._get(fresh)
+        return PassStart(dispatch.FreeNodeIndex(rows, in_flight), is_fresh, generation, position)
+
+    def keep(self, start: PassStart) -> None:
+        """Keep a pass's index (brought up to date by the pass itself) for the next
+        pass; ignored when its rows were dropped or read again since."""
+        with self._lock:
+            if self._rows is not None and self._generation == start.generation:
+                self._kept = start
 
     def put(self, generation: int, node_id: str, row: NodeRow | None) -> None:
         """A newer row of one node (None: no longer a candidate), learnt by a pass
@@ -135,6 +199,7 @@ class NodeRowCache:
                     self._rows.pop(node_id, None)
                 else:
                     self._rows[node_id] = row
+                self._changed.append(node_id)
 
     def discard(self, node_id: str) -> None:
         """The node is gone from this process (disconnected): not a candidate, after
@@ -144,6 +209,7 @@ class NodeRowCache:
             with self._lock:
                 if self._rows is not None:
                     self._rows.pop(node_id, None)
+                    self._changed.append(node_id)
 
         transaction.on_commit(discard)
 
@@ -156,7 +222,7 @@ class NodeRowCache:
     def forget(self) -> None:
         with self._lock:
             self._rows = None
-            self._generation += 1
+            self._new_generation()
 
 
 def as_row(node: NodeRow | Node, **changes: object) -> NodeRow:

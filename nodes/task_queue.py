@@ -26,7 +26,7 @@ from django.utils import timezone
 from apexbridge.db.prepared import Param, PreparedQuery, PreparedUpdate, save_fields
 from nodes import dispatch, events, task_waiters
 from nodes.models import FINAL_TASK_STATUSES, Node, NodeProtocol, Task, TaskStatus
-from nodes.node_rows import NodeRow, as_row, node_rows
+from nodes.node_rows import NodeRow, PassStart, as_row, node_rows
 from nodes.protocol import execute_tool_data, frame, task_assign_data, task_data
 
 logger = logging.getLogger(__name__)
@@ -247,8 +247,7 @@ def task_dispatch_pending() -> Outgoing:
     first = next(queued, None)
     if first is None:
         return []  # the common case on a busy hub: no node rows to read
-    nodes, fresh, generation = node_rows.get()
-    pass_ = DispatchPass(nodes, _in_flight_counts(), rows_are_fresh=fresh, generation=generation)
+    pass_ = DispatchPass(node_rows.start_pass(_in_flight_counts()))
     if pass_.free_slots():
         pass_.run(itertools.chain([first], queued))
     if not pass_.free_slots():
@@ -256,6 +255,7 @@ def task_dispatch_pending() -> Outgoing:
             _in_order(_FIRST_PAGE_WITHOUT_REASON.all(now=now), lambda: _ready(now).filter(waiting_reason=""))
         )
     pass_.save_reasons()
+    node_rows.keep(pass_.start)  # for the next pass, which brings it up to date
     return pass_.outgoing
 
 
@@ -308,24 +308,16 @@ def _in_order(first_page: list[tuple], queued: Callable[[], QuerySet]) -> Iterat
 class DispatchPass:
     """One pass over queued tasks with the node rows and in-flight counts read once."""
 
-    def __init__(
-        self,
-        nodes: dict[str, NodeRow],
-        in_flight: dict[str, int],
-        *,
-        rows_are_fresh: bool = True,
-        generation: int | None = None,
-    ) -> None:
-        self.nodes = nodes
-        self.in_flight = in_flight
+    def __init__(self, start: PassStart) -> None:
+        self.start = start
+        self.nodes: dict[str, NodeRow] = start.index.nodes
+        self.in_flight: dict[str, int] = start.index.in_flight
         self.outgoing: Outgoing = []
         self.reasons: dict[str, str] = {}  # task id -> its new waiting reason
         self._blocked: dict[tuple[str, str, str], str] = {}  # requirements -> why no node
         # The nodes that could take one more task, and the best of them per task, kept
         # up to date as the pass assigns: neither is a scan of every node per task.
-        self._free = dispatch.FreeNodeIndex(nodes, in_flight)
-        self._rows_are_fresh = rows_are_fresh
-        self._generation = generation  # of node_rows, to put newer rows back (None: not from there)
+        self._free = start.index
 
     def free_slots(self) -> bool:
         """Whether any node can take one more task; never "no" from kept rows."""
@@ -336,12 +328,13 @@ class DispatchPass:
     def _read_rows_again(self) -> bool:
         """Replace rows kept from an earlier pass with rows read now (once per pass);
         False when they were read now already."""
-        if self._rows_are_fresh:
+        if self.start.fresh:
             return False
-        fresh, self._rows_are_fresh, self._generation = node_rows.get(fresh=True)
-        self.nodes.clear()
-        self.nodes.update(fresh)
-        self._free = dispatch.FreeNodeIndex(self.nodes, self.in_flight)
+        self.start = node_rows.start_pass(self.in_flight, fresh=True)
+        self.nodes.clear()  # the same mappings: callers hold them
+        self.nodes.update(self.start.index.nodes)
+        self.start.index.nodes = self.nodes
+        self._free = self.start.index
         self._blocked.clear()
         return True
 
@@ -404,13 +397,8 @@ class DispatchPass:
     def _set_row(self, node_id: str, row: NodeRow | None) -> None:
         """A newer row of a node (None: not a candidate) for this pass, the index and
         later passes (rows are shared between passes, so never changed in place)."""
-        if row is None:
-            self.nodes.pop(node_id, None)
-        else:
-            self.nodes[node_id] = row
-        if self._generation is not None:
-            node_rows.put(self._generation, node_id, row)
-        self._free.update(node_id)
+        self._free.set_row(node_id, row)
+        node_rows.put(self.start.generation, node_id, row)
 
 
 _WAITING_FOR_DEPENDENCIES = PreparedQuery(  # read by every pass

@@ -6,6 +6,9 @@ and each request must still finish (its database connection closed) in its threa
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -161,3 +164,22 @@ async def test_a_streaming_response_is_sent_whole_then_closed(request_signals, m
     assert body == b"first,second"
     assert closed == [True]
     assert len(request_signals["finished"]) == 1
+
+
+def test_importing_the_application_in_a_set_up_process_keeps_its_logging():
+    """Tests and management commands set Django up before they import the ASGI
+    application: importing it then must not configure logging anew (that dropped the
+    handlers a test had added, so a test's log capture saw nothing)."""
+    script = (
+        "import logging, django\n"
+        "django.setup()\n"
+        "handler = logging.NullHandler()\n"
+        "logging.getLogger().addHandler(handler)\n"
+        "import apexbridge.asgi\n"
+        "print(handler in logging.getLogger().handlers)\n"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "apexbridge.settings"}
+    command = [sys.executable, "-c", script]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"

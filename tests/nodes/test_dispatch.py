@@ -225,3 +225,64 @@ def test_the_free_node_index_chooses_what_choose_node_chooses_as_a_pass_assigns(
                     node.max_concurrent_tasks = rng.randint(1, 4)
                     in_flight[node_id] = rng.randint(0, 3)
                 index.update(node_id)
+
+
+def test_an_index_kept_for_the_next_pass_answers_as_one_built_for_it():
+    """Between passes, rows change (a node re-registers, disconnects, is drained) and
+    in-flight counts change (tasks end, other processes assign): an index brought up
+    to date with ``set_row`` and ``set_in_flight`` answers exactly what one built
+    from scratch over the same rows and counts answers, pass after pass."""
+    import random
+
+    for seed in range(40):
+        rng = random.Random(seed)
+        nodes, in_flight = random_fleet(rng, rng.randint(1, 30))
+        kept = dispatch.FreeNodeIndex(dict(nodes), dict(in_flight))
+        now = T0 + timedelta(seconds=10)
+        for pass_number in range(15):
+            # Between passes: some rows replaced or gone, counts read anew
+            for node_id in rng.sample(sorted(nodes), min(len(nodes), rng.randint(0, 4))):
+                if rng.random() < 0.3:
+                    nodes.pop(node_id)
+                    kept.set_row(node_id, None)
+                else:
+                    row = make_node(
+                        node_id,
+                        status=rng.choice(["online", "busy", "offline"]),
+                        connection_id=rng.choice([f"c-{node_id}", ""]),
+                        capabilities=nodes[node_id].capabilities,
+                        tools=nodes[node_id].tools,
+                        draining=rng.random() < 0.2,
+                        max_concurrent_tasks=rng.randint(1, 4),
+                        last_assigned_at=now,
+                    )
+                    nodes[node_id] = row
+                    kept.set_row(node_id, row)
+            in_flight = {node_id: rng.randint(0, 3) for node_id in nodes if rng.random() < 0.5}
+            kept.set_in_flight(in_flight)
+            fresh = dispatch.FreeNodeIndex(dict(nodes), dict(in_flight))
+            # The pass: both assign the same tasks to the same nodes
+            for step in range(10):
+                task = random_task(rng, nodes)
+                chosen = kept.choose(task)
+                expected = fresh.choose(task)
+                where = (seed, pass_number, step)
+                assert (chosen and chosen.node_id) == (expected and expected.node_id), where
+                assert kept.any_free() == fresh.any_free(), where
+                if chosen is not None:
+                    now += timedelta(milliseconds=1)
+                    row = make_node(
+                        chosen.node_id,
+                        status=chosen.status,
+                        connection_id=chosen.connection_id,
+                        capabilities=chosen.capabilities,
+                        tools=chosen.tools,
+                        draining=chosen.draining,
+                        max_concurrent_tasks=chosen.max_concurrent_tasks,
+                        last_assigned_at=now,
+                    )
+                    for index in (kept, fresh):
+                        index.in_flight[chosen.node_id] = index.in_flight.get(chosen.node_id, 0) + 1
+                        index.set_row(chosen.node_id, row)
+                    nodes[chosen.node_id] = row
+                    in_flight[chosen.node_id] = in_flight.get(chosen.node_id, 0) + 1

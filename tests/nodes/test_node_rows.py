@@ -153,3 +153,24 @@ def test_a_late_row_from_a_pass_does_not_overwrite_rows_read_after_it():
     assert "n1" in node_rows.get()[0]
     node_rows.put(second, "n1", None)
     assert "n1" not in node_rows.get()[0]
+
+
+def test_the_next_pass_takes_the_index_of_the_last_one_and_sees_tasks_that_ended_elsewhere(monkeypatch):
+    """The index over the node rows (one look at every node) is kept for the next
+    pass, which updates the nodes whose in-flight count changed: a task that ended in
+    another process frees its node without the rows being read or an index built."""
+    from nodes import dispatch
+
+    make_node("n1", max_concurrent_tasks=1)
+    make_node("n2", max_concurrent_tasks=1, status="busy")  # less preferred than n1
+    first = queue()
+    assert dispatch_pass() == (["n1"], 1)
+    built = []
+    original = dispatch.FreeNodeIndex.__init__
+    monkeypatch.setattr(
+        dispatch.FreeNodeIndex, "__init__", lambda self, *a, **kw: built.append(1) or original(self, *a, **kw)
+    )
+    from_another_process("UPDATE nodes_task SET status = 'succeeded' WHERE task_id = %s", [first.task_id])
+    queue()
+    assert dispatch_pass() == (["n1"], 0)  # n1 again (online, nothing in flight), not n2
+    assert built == []
