@@ -199,11 +199,7 @@ class FreeNodeIndex:
         """In-flight counts read anew (by a later pass): only the nodes whose count
         changed are updated."""
         current = self.in_flight
-        changed = [
-            node_id
-            for node_id in current.keys() | counts.keys()
-            if current.get(node_id, 0) != counts.get(node_id, 0)
-        ]
+        changed = {node_id for node_id, _ in current.items() ^ counts.items()}  # set operations in C
         current.clear()
         current.update(counts)
         for node_id in changed:

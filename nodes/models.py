@@ -72,6 +72,13 @@ class NodeKey(models.Model):
         return self.revoked_at is not None
 
 
+# The node fields the dispatch pass decides by (nodes/dispatch.py), but for the
+# round-robin time it keeps itself.
+DISPATCH_FIELDS = frozenset(
+    {"status", "connection_id", "capabilities", "tools", "draining", "max_concurrent_tasks"}
+)
+
+
 class Node(models.Model):
     node_id = models.CharField(max_length=64, primary_key=True)
     name = models.CharField(max_length=128)
@@ -111,12 +118,28 @@ class Node(models.Model):
     total_response_time_ms = models.BigIntegerField(default=0)
     # Round-robin tie breaking: the least recently assigned node wins a tie.
     last_assigned_at = models.DateTimeField(null=True, blank=True)
+    # When a field the dispatch pass decides by (DISPATCH_FIELDS: connected or not,
+    # status, draining, tools, capabilities, limit) was last written, by any process.
+    # Dispatch passes that start from node rows kept in memory read the rows changed
+    # since instead of every row (nodes/node_rows.py).
+    dispatch_changed_at = models.DateTimeField(null=True, blank=True, db_index=True, editable=False)
 
     class Meta:
         ordering = ["node_id"]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.node_id})"
+
+    def save(self, *args, **kwargs) -> None:
+        """Stamps ``dispatch_changed_at`` when the save writes any of
+        ``DISPATCH_FIELDS`` (writers that use ``update()`` stamp it themselves)."""
+        update_fields = kwargs.get("update_fields")
+        if update_fields is None:
+            self.dispatch_changed_at = timezone.now()
+        elif DISPATCH_FIELDS.intersection(update_fields):
+            self.dispatch_changed_at = timezone.now()
+            kwargs["update_fields"] = [*update_fields, "dispatch_changed_at"]
+        super().save(*args, **kwargs)
 
     @property
     def is_connected(self) -> bool:

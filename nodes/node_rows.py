@@ -10,13 +10,16 @@ from them is final:
 
 - an assignment is re-checked under the node's row lock (``task_queue.claim_task``);
   a row found out of date is replaced and the choice made again;
-- "no node can take it" is never concluded from old rows: the pass reads them again
-  first, so a node that registered in another process a moment ago is seen;
+- "no node can take it" is never concluded from old rows: the pass first reads the
+  rows of the nodes changed since (``Node.dispatch_changed_at``, stamped by every
+  write of a field the pass decides by, in any process: ``refresh``), so a node
+  that registered in another process a moment ago is seen — at the cost of the
+  changes, not of every row (a full fleet runs into this on every pass);
 - in-flight counts are read fresh by every pass.
 
 - a retried task is never sent back to a node it already ran on from kept rows
-  (they are read again first: PROTOCOL §3.4 wants a different node when one is
-  eligible).
+  (they are brought up to date first: PROTOCOL §3.4 wants a different node when
+  one is eligible).
 
 What old rows can change is only which of several eligible nodes a task goes to
 (online over busy, round robin: approximate within the age). Registrations and
@@ -31,13 +34,14 @@ import json
 import threading
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import TextField
+from django.db.models import QuerySet, TextField
 from django.db.models.functions import Cast
 from django.db.models.signals import post_delete, post_save
+from django.utils import timezone
 
 from nodes import dispatch
 from nodes.models import Node
@@ -59,10 +63,25 @@ class NodeRow:
 
 
 def connected_node_rows() -> dict[str, NodeRow]:
-    """Every node a task could go to now. Capabilities and tools are read as JSON
-    text and each distinct text is parsed once per pass: nodes of one kind declare
-    the same lists, and parsing 20,000 of them was most of the read. The parsed
-    lists are shared between rows; nothing in the pass changes them."""
+    """Every node a task could go to now."""
+    connected = Node.objects.exclude(connection_id="").filter(status__in=dispatch.ASSIGNABLE_STATUSES)
+    return {row.node_id: row for row in _rows(connected)}
+
+
+def changed_node_rows(since: datetime) -> dict[str, NodeRow | None]:
+    """The nodes whose ``dispatch_changed_at`` is ``since`` or later: the row of each
+    that a task could go to now, None for the others."""
+    return {
+        row.node_id: row if dispatch.is_connected(row) else None
+        for row in _rows(Node.objects.filter(dispatch_changed_at__gte=since))
+    }
+
+
+def _rows(nodes: QuerySet) -> list[NodeRow]:
+    """Capabilities and tools are read as JSON text and each distinct text is parsed
+    once per read: nodes of one kind declare the same lists, and parsing 20,000 of
+    them was most of the read. The parsed lists are shared between rows; nothing in
+    the pass changes them."""
     parsed: dict[str, list] = {}
 
     def parse(text: str | None) -> list:
@@ -74,9 +93,7 @@ def connected_node_rows() -> dict[str, NodeRow]:
         return value
 
     rows = (
-        Node.objects.exclude(connection_id="")
-        .filter(status__in=dispatch.ASSIGNABLE_STATUSES)
-        .order_by()
+        nodes.order_by()
         .annotate(capabilities_text=Cast("capabilities", TextField()), tools_text=Cast("tools", TextField()))
         .values_list(
             "node_id",
@@ -89,10 +106,16 @@ def connected_node_rows() -> dict[str, NodeRow]:
             "last_assigned_at",
         )
     )
-    return {
-        node_id: NodeRow(node_id, status, connection_id, parse(caps), parse(tools), *rest)
+    return [
+        NodeRow(node_id, status, connection_id, parse(caps), parse(tools), *rest)
         for node_id, status, connection_id, caps, tools, *rest in rows
-    }
+    ]
+
+
+# A change stamped this long before the rows were read may still have been missing
+# from them (its transaction not yet committed, or another host's clock behind):
+# ``refresh`` reads the changes from that far back.
+REFRESH_SLACK = timedelta(seconds=10)
 
 
 @dataclass(slots=True)
@@ -122,6 +145,7 @@ class NodeRowCache:
         self._lock = threading.Lock()
         self._rows: dict[str, NodeRow] | None = None
         self._read_at = 0.0
+        self._read_wall: datetime | None = None  # when the rows were read, by the clock writers stamp with
         self._generation = 0
         self._changed: list[str] = []  # nodes whose row changed, in order, this generation
         self._kept: PassStart | None = None
@@ -138,7 +162,7 @@ class NodeRowCache:
             if not fresh and self._rows is not None and time.monotonic() - self._read_at < max_age_s:
                 return dict(self._rows), False, self._generation, len(self._changed)
             generation = self._generation
-        started = time.monotonic()
+        started, started_wall = time.monotonic(), timezone.now()
         rows = connected_node_rows()
         with self._lock:
             # Not kept if dropped while read. (Rows read inside a transaction that
@@ -147,7 +171,7 @@ class NodeRowCache:
             if self._generation == generation:
                 self._new_generation()
                 generation = self._generation
-                self._rows, self._read_at = rows, started
+                self._rows, self._read_at, self._read_wall = rows, started, started_wall
         return dict(rows), True, generation, 0
 
     def _new_generation(self) -> None:
@@ -181,6 +205,21 @@ class NodeRowCache:
             return PassStart(index, False, kept.generation, position)
         rows, is_fresh, generation, position = self._get(fresh)
         return PassStart(dispatch.FreeNodeIndex(rows, in_flight), is_fresh, generation, position)
+
+    def refresh(self, start: PassStart) -> bool:
+        """Bring the pass's rows (and the kept ones) up to date with the nodes whose
+        row changed since the rows were read (``Node.dispatch_changed_at``, stamped by
+        every change that may let a node take a task, in any process): what reading
+        every row again would tell a pass about free nodes, at the cost of the
+        changes. False when the rows were dropped or read again since (read them)."""
+        with self._lock:
+            if self._rows is None or self._generation != start.generation or self._read_wall is None:
+                return False
+            since = self._read_wall - REFRESH_SLACK
+        for node_id, row in changed_node_rows(since).items():
+            start.index.set_row(node_id, row)
+            self.put(start.generation, node_id, row)
+        return True
 
     def keep(self, start: PassStart) -> None:
         """Keep a pass's index (brought up to date by the pass itself) for the next

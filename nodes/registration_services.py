@@ -192,7 +192,7 @@ def _serialize_node_admission() -> None:
 REGISTRATION_FIELDS = [
     "name", "type", "version", "protocol", "capabilities", "tools", "tool_manifests", "personality",
     "endpoint", "max_concurrent_tasks", "resources", "metadata", "tags", "status", "last_heartbeat",
-    "last_seen", "connection_id", "channel_name", "process_id", "connected_at", "key",
+    "last_seen", "connection_id", "channel_name", "process_id", "connected_at", "key", "dispatch_changed_at",
 ]  # fmt: skip
 
 
@@ -223,4 +223,5 @@ def _apply_registration(node: Node, registration: NodeRegistration, *, created: 
     node.channel_name = connection.channel_name
     node.process_id = connection.process_id
     node.connected_at = now
+    node.dispatch_changed_at = now  # a candidate for tasks (node_rows: passes of other processes)
     node.key_id = registration.identity.key_id

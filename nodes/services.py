@@ -71,7 +71,10 @@ def node_set_status(*, node_id: str, connection_id: str, status: str) -> str | N
         return None
     old = node.status
     now = timezone.now()
-    Node.objects.filter(pk=node_id).update(status=status, last_heartbeat=now, last_seen=now)
+    changes = {"status": status, "last_heartbeat": now, "last_seen": now}
+    if old != status:  # e.g. offline -> online: a candidate again (node_rows)
+        changes["dispatch_changed_at"] = now
+    Node.objects.filter(pk=node_id).update(**changes)
     if old != status:
         node_log_add(node_id=node_id, event="status", message=f"status {old} -> {status}")
         publish_status(node_id, old, status)
@@ -85,8 +88,14 @@ def node_disconnected(*, node_id: str, connection_id: str) -> bool:
     if node is None:
         return False  # already taken over by a newer connection, or unregistered
     old = node.status
+    now = timezone.now()
     Node.objects.filter(pk=node_id).update(
-        status=NodeStatus.OFFLINE, connection_id="", channel_name="", process_id="", last_seen=timezone.now()
+        status=NodeStatus.OFFLINE,
+        connection_id="",
+        channel_name="",
+        process_id="",
+        last_seen=now,
+        dispatch_changed_at=now,
     )
     requeue_attempts(node_id, connection_id=connection_id, reason="node_disconnected")
     node_rows.discard(node_id)
@@ -204,7 +213,7 @@ def node_flush_heartbeats(records: list[HeartbeatRecord]) -> list[str]:
             if by_id[node_id] != connection_id:
                 continue
             if Node.objects.filter(pk=node_id, connection_id=connection_id, status=NodeStatus.OFFLINE).update(
-                status=NodeStatus.ONLINE
+                status=NodeStatus.ONLINE, dispatch_changed_at=timezone.now()
             ):
                 revived.append(node_id)
                 node_rows.drop()  # a candidate again
@@ -300,7 +309,7 @@ def node_sweep_heartbeat_timeouts(*, now: datetime | None = None) -> list[tuple[
     for node_id, old_status, _connection_id, channel_name in candidates:
         with transaction.atomic():
             won = Node.objects.filter(pk=node_id, status=old_status, last_heartbeat__lt=cutoff).update(
-                status=NodeStatus.OFFLINE
+                status=NodeStatus.OFFLINE, dispatch_changed_at=now
             )
             if not won:
                 continue  # another process did it, or a heartbeat arrived

@@ -126,6 +126,29 @@ def test_a_missing_value_or_a_shape_it_cannot_give_is_a_clear_error():
         as_dicts.all(task_id="t-json")
 
 
+def test_raw_rows_of_ids_and_counts_are_what_the_queryset_gives_and_other_shapes_are_refused():
+    make_tasks()
+    Task.objects.create(task_id="t-2", tool_name="echo", status=TaskStatus.ASSIGNED, assigned_node_id="n1")
+    counts = PreparedQuery(
+        lambda: (
+            Task.objects.filter(status=Param("status"))
+            .values_list("assigned_node_id")
+            .annotate(n=Count("task_id"))
+            .order_by()
+        )
+    )
+    queryset = (
+        Task.objects.filter(status=TaskStatus.ASSIGNED)
+        .values_list("assigned_node_id")
+        .annotate(n=Count("task_id"))
+    )
+    assert dict(counts.raw_rows(status=TaskStatus.ASSIGNED)) == dict(queryset.order_by()) == {"n1": 2}
+    assert counts.raw_rows(status=TaskStatus.SUCCEEDED) == []
+    instances = PreparedQuery(lambda: Task.objects.filter(pk=Param("task_id")))
+    with pytest.raises(ValueError, match="values_list"):
+        instances.raw_rows(task_id="t-2")  # model rows need the ORM's conversions
+
+
 def test_a_prepared_update_changes_only_the_matching_rows_and_counts_them():
     Node.objects.create(node_id="n1", name="one", total_tasks=3)
     Node.objects.create(node_id="n2", name="two", total_tasks=7)

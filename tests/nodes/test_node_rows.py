@@ -35,7 +35,8 @@ def dispatch_pass() -> tuple[list[str], int]:
 
 
 def from_another_process(sql: str, params: list) -> None:
-    """A change no signal of this process sees (another hub process made it)."""
+    """A change no signal of this process sees (another hub process made it; its
+    writers stamp ``dispatch_changed_at``, as this process's do)."""
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
 
@@ -73,7 +74,9 @@ def test_a_node_that_left_in_another_process_is_not_given_the_task():
     first, _ = dispatch_pass()
     other = "n2" if first == ["n1"] else "n1"  # preferred next: nothing in flight
     from_another_process(
-        "UPDATE nodes_node SET status = 'offline', connection_id = '' WHERE node_id = %s", [other]
+        "UPDATE nodes_node SET status = 'offline', connection_id = '', "
+        "dispatch_changed_at = CURRENT_TIMESTAMP WHERE node_id = %s",
+        [other],
     )
     task = queue()
     assert dispatch_pass()[0] == first  # the kept row sent the claim to `other`; refused there
@@ -88,8 +91,8 @@ def test_no_task_waits_because_of_kept_rows():
     queue()
     assert dispatch_pass() == (["n1"], 1)
     from_another_process(
-        "UPDATE nodes_node SET status = 'online', connection_id = 'c-n2', channel_name = 'ch-n2' "
-        "WHERE node_id = %s",
+        "UPDATE nodes_node SET status = 'online', connection_id = 'c-n2', channel_name = 'ch-n2', "
+        "dispatch_changed_at = CURRENT_TIMESTAMP WHERE node_id = %s",
         ["n2"],
     )
     task = queue()
@@ -105,8 +108,8 @@ def test_a_retry_is_not_sent_back_to_the_node_it_ran_on_because_of_kept_rows():
     queue()
     assert dispatch_pass()[0] == ["n1"]
     from_another_process(
-        "UPDATE nodes_node SET status = 'online', connection_id = 'c-n2', channel_name = 'ch-n2' "
-        "WHERE node_id = %s",
+        "UPDATE nodes_node SET status = 'online', connection_id = 'c-n2', channel_name = 'ch-n2', "
+        "dispatch_changed_at = CURRENT_TIMESTAMP WHERE node_id = %s",
         ["n2"],
     )
     Task.objects.create(
@@ -123,7 +126,11 @@ def test_a_kept_row_out_of_date_costs_one_refused_claim_then_the_task_goes_elsew
     make_node("n2", max_concurrent_tasks=2, status="busy")  # less preferred than n1
     queue()
     assert dispatch_pass()[0] == ["n1"]
-    from_another_process("UPDATE nodes_node SET max_concurrent_tasks = 1 WHERE node_id = %s", ["n1"])
+    from_another_process(
+        "UPDATE nodes_node SET max_concurrent_tasks = 1, dispatch_changed_at = CURRENT_TIMESTAMP "
+        "WHERE node_id = %s",
+        ["n1"],
+    )
     task = queue()
     assert dispatch_pass() == (["n2"], 1)
     assert Task.objects.get(pk=task.pk).attempts == 1
@@ -174,3 +181,31 @@ def test_the_next_pass_takes_the_index_of_the_last_one_and_sees_tasks_that_ended
     queue()
     assert dispatch_pass() == (["n1"], 0)  # n1 again (online, nothing in flight), not n2
     assert built == []
+
+
+def test_a_full_fleet_reads_only_the_rows_changed_since_and_finds_a_node_another_process_revived():
+    """Every node full in the kept rows: before the pass says no node can take the
+    task it reads the rows stamped since the kept ones were read (not every row), and
+    finds the node another process has just brought back online."""
+    from datetime import UTC, datetime
+
+    from nodes.models import Node
+
+    make_node("n1", max_concurrent_tasks=1)
+    make_node("n2", status="offline", connection_id="", channel_name="")
+    Node.objects.update(dispatch_changed_at=datetime(2026, 1, 1, tzinfo=UTC))  # long before
+    queue()
+    assert dispatch_pass() == (["n1"], 1)  # every row read
+    from_another_process(
+        "UPDATE nodes_node SET status = 'online', connection_id = 'c-n2', channel_name = 'ch-n2', "
+        "dispatch_changed_at = CURRENT_TIMESTAMP WHERE node_id = %s",
+        ["n2"],
+    )
+    task = queue()
+    with CaptureQueriesContext(connection) as queries:
+        outgoing = task_queue.task_dispatch_pending()
+    assert [message["nodeId"] for _, message in outgoing] == ["n2"]
+    reads = [q["sql"] for q in queries if "capabilities_text" in q["sql"]]
+    assert len(reads) == 1
+    assert "dispatch_changed_at" in reads[0]  # the changed rows only
+    assert Task.objects.get(pk=task.pk).waiting_reason == ""
