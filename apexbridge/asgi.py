@@ -6,25 +6,24 @@ connection this process serves.
 """
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import django
 from asgiref.sync import sync_to_async
 from django.apps import apps
-from django.conf import settings
 from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.db import close_old_connections
 from django.http import FileResponse
 from django.urls import set_script_prefix
+
+from apexbridge.threads import ElasticThreadPool
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "apexbridge.settings")
 if not apps.ready:  # set up already (tests, a management command): not again, which
     django.setup(set_prefix=False)  # would configure logging anew mid-run
 
-REQUEST_THREADS = ThreadPoolExecutor(
-    max_workers=settings.APEXBRIDGE_HTTP_THREADS, thread_name_prefix="apexbridge-http"
-)
+REQUEST_THREADS = ElasticThreadPool("apexbridge-http")
 
 
 class OneHopASGIHandler(ASGIHandler):
@@ -38,11 +37,13 @@ class OneHopASGIHandler(ASGIHandler):
     all in a thread started for that request: about 16 hops and a thread per API
     request. Here the signals, the middleware and the view run in one hop, in a
     thread of ``REQUEST_THREADS``: an idle one is reused, a new one started while
-    all are busy, up to ``APEXBRIDGE_HTTP_THREADS`` (a ``?wait`` request holds its
-    thread while it waits). Database connections therefore open and close in the
-    thread that uses them (``request_started``/``request_finished`` close them, as
-    under WSGI). A streaming response is sent and closed as Django does; an async
-    view would still work (Django adapts it), through one more hop."""
+    all are busy (a ``?wait`` request holds its thread while it waits). Database
+    connections therefore open and close in the thread that uses them
+    (``request_started``/``request_finished`` close them, as under WSGI). A
+    streaming response (a static file) is sent and closed as Django does, in the
+    request's own thread context; the connections its view opened are closed when
+    the view returns. An async view would still work (Django adapts it), through
+    one more hop."""
 
     def load_middleware(self, is_async: bool = False) -> None:
         super().load_middleware(is_async=False)
@@ -75,7 +76,9 @@ class OneHopASGIHandler(ASGIHandler):
             response._handler_class = self.__class__
             if isinstance(response, FileResponse):
                 response.block_size = self.chunk_size
-        if not response.streaming:  # its body is in memory: finish the request here
+        if response.streaming:  # its body is read, and it is closed, in other hops
+            close_old_connections()  # what the middleware and the view opened here
+        else:  # its body is in memory: finish the request here
             response.close()
         return response
 

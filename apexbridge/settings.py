@@ -315,11 +315,6 @@ APEXBRIDGE_TASK_RETRY_BACKOFF_MAX_MS = env_int("APEXBRIDGE_TASK_RETRY_BACKOFF_MA
 APEXBRIDGE_DISPATCH_NODE_ROWS_MS = env_int("APEXBRIDGE_DISPATCH_NODE_ROWS_MS", 1000)
 APEXBRIDGE_MAX_NODES = env_int("APEXBRIDGE_MAX_NODES", 10000)
 APEXBRIDGE_MAX_FRAME_BYTES = env_int("APEXBRIDGE_MAX_FRAME_BYTES", 1048576)
-# Threads serving HTTP requests in a process (apexbridge/asgi.py): started as needed,
-# reused when idle. A request waiting with ?wait= holds one.
-APEXBRIDGE_HTTP_THREADS = env_int("APEXBRIDGE_HTTP_THREADS", 1000)
-if APEXBRIDGE_HTTP_THREADS < 1:
-    raise ImproperlyConfigured(f"APEXBRIDGE_HTTP_THREADS must be at least 1, got {APEXBRIDGE_HTTP_THREADS}")
 APEXBRIDGE_MAX_PROTOCOL_ERRORS = env_int("APEXBRIDGE_MAX_PROTOCOL_ERRORS", 100)
 APEXBRIDGE_NODE_LOG_CAP = env_int("APEXBRIDGE_NODE_LOG_CAP", 1000)
 # Days to keep LLMRequestLog rows and finished tasks (nodes/retention.py); 0 keeps them forever.

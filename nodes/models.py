@@ -136,9 +136,11 @@ class Node(models.Model):
         update_fields = kwargs.get("update_fields")
         if update_fields is None:
             self.dispatch_changed_at = timezone.now()
-        elif DISPATCH_FIELDS.intersection(update_fields):
-            self.dispatch_changed_at = timezone.now()
-            kwargs["update_fields"] = [*update_fields, "dispatch_changed_at"]
+        else:
+            update_fields = kwargs["update_fields"] = list(update_fields)  # may be read once only
+            if DISPATCH_FIELDS.intersection(update_fields):
+                self.dispatch_changed_at = timezone.now()
+                update_fields.append("dispatch_changed_at")
         super().save(*args, **kwargs)
 
     @property

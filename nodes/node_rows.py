@@ -21,6 +21,12 @@ from them is final:
   (they are brought up to date first: PROTOCOL §3.4 wants a different node when
   one is eligible).
 
+The stamp is written by the hub's own code: a change it does not see (SQL by hand, a
+hub process of an older release during a rolling upgrade, a host whose clock is more
+than ``REFRESH_SLACK`` behind, rows read inside a transaction that then rolled back)
+is seen when the kept rows age out, so it can delay a task by up to that age, never
+more.
+
 What old rows can change is only which of several eligible nodes a task goes to
 (online over busy, round robin: approximate within the age). Registrations and
 heartbeat revivals in this process, and any ``save()`` or ``delete()`` of a node
@@ -217,8 +223,9 @@ class NodeRowCache:
                 return False
             since = self._read_wall - REFRESH_SLACK
         for node_id, row in changed_node_rows(since).items():
-            start.index.set_row(node_id, row)
-            self.put(start.generation, node_id, row)
+            if start.index.nodes.get(node_id) != row:  # the window's other rows are known
+                start.index.set_row(node_id, row)
+                self.put(start.generation, node_id, row)
         return True
 
     def keep(self, start: PassStart) -> None:

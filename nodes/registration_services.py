@@ -223,5 +223,7 @@ def _apply_registration(node: Node, registration: NodeRegistration, *, created: 
     node.channel_name = connection.channel_name
     node.process_id = connection.process_id
     node.connected_at = now
-    node.dispatch_changed_at = now  # a candidate for tasks (node_rows: passes of other processes)
+    # A candidate for tasks (node_rows: passes of other processes). The time now, not
+    # the batch's: the batch may have waited for its locks.
+    node.dispatch_changed_at = timezone.now()
     node.key_id = registration.identity.key_id

@@ -20,20 +20,25 @@ MAX_PAGE = 1000
 MAX_OFFSET = 2**31 - 1
 
 
+# Build a serializer class's fields once, not per instance. DRF deep-copies the
+# declared fields for every serializer instance, running each field's __init__ and
+# its validators' again: for the task body, validated on every POST /api/tasks, that
+# was ~6 % of a hub's CPU under the task benchmark. Plain fields keep no per-request
+# state (errors and values live in locals) when the serializer is not partial and has
+# no context, so the class binds one set to a template instance and every instance
+# validates with it. Only for such serializers: no nested serializers, no
+# context-dependent defaults, no per-instance changes to ``fields``; an instance made
+# partial or with a context gets fields of its own, as DRF gives them. (A comment,
+# not a docstring: drf-spectacular would show a mixin's docstring as the description
+# of the serializers that use it.)
 class FieldsBuiltOnce:
-    """Build a serializer class's fields once, not per instance.
-
-    DRF deep-copies the declared fields for every serializer instance, running each
-    field's ``__init__`` and its validators' again: for the task body, validated on
-    every ``POST /api/tasks``, that was ~6 % of a hub's CPU under the task benchmark.
-    Plain fields keep no per-request state (errors and values live in locals) when
-    the serializer is not partial and has no context, so the class binds one set to
-    a template instance and every instance validates with it. Only for such
-    serializers: no nested serializers, no context-dependent defaults, no
-    per-instance changes to ``fields``."""
-
     @property
     def fields(self):
+        if self.partial or self._context:
+            own = self.__dict__.get("_own_fields")
+            if own is None:
+                own = self.__dict__["_own_fields"] = serializers.Serializer.fields.func(self)
+            return own
         cls = type(self)
         shared = cls.__dict__.get("_fields_built_once")
         if shared is None:  # two threads may both build it: the same fields either way

@@ -16,7 +16,7 @@ from channels.db import database_sync_to_async
 from channels.testing import HttpCommunicator
 from django.contrib.auth import get_user_model
 from django.core.signals import request_finished, request_started
-from django.db import connection
+from django.db import connection, connections
 from django.db.backends.signals import connection_created
 from django.http import StreamingHttpResponse
 from rest_framework.authtoken.models import Token
@@ -136,7 +136,9 @@ async def test_a_request_that_cannot_be_decoded_is_refused_and_still_finished(re
     assert len(request_signals["finished"]) == 1
 
 
-async def test_a_streaming_response_is_sent_whole_then_closed(request_signals, monkeypatch):
+async def test_a_streaming_response_is_sent_whole_then_closed_and_its_views_connection_too(
+    request_signals, monkeypatch
+):
     closed = []
     handler = OneHopASGIHandler()
 
@@ -144,7 +146,11 @@ async def test_a_streaming_response_is_sent_whole_then_closed(request_signals, m
         yield b"first,"
         yield b"second"
 
-    def stream(request):
+    used = []
+
+    def stream(request):  # a view that reads the database, then streams
+        assert Task.objects.count() == 0
+        used.append(connections["default"])  # this thread's connection (not the proxy)
         response = StreamingHttpResponse(parts(), content_type="text/plain")
         response._resource_closers.append(lambda: closed.append(True))
         return response
@@ -164,6 +170,7 @@ async def test_a_streaming_response_is_sent_whole_then_closed(request_signals, m
     assert body == b"first,second"
     assert closed == [True]
     assert len(request_signals["finished"]) == 1
+    assert used[0].connection is None  # the view's connection was closed in its thread
 
 
 def test_importing_the_application_in_a_set_up_process_keeps_its_logging():

@@ -62,3 +62,10 @@ def test_docs_page_is_served(staff_user):
     response = client.get("/api/docs/")
     assert response.status_code == 200
     assert b"swagger" in response.content.lower()
+
+
+def test_the_task_body_is_described_by_its_fields_not_by_how_they_are_built(schema):
+    body = schema["components"]["schemas"]["TaskSubmit"]
+    assert set(body["properties"]) >= {"toolName", "toolArgs", "priority", "dependsOn"}
+    assert body["required"] == ["toolName"]
+    assert "description" not in body  # a mixin's notes are not the API's documentation

@@ -65,3 +65,14 @@ def test_the_wait_query_still_defaults_and_refuses_as_declared():
     assert answer(WaitQuerySerializer, {"wait": "2.5"}) == ("valid", {"wait": 2.5})
     state, errors = answer(WaitQuerySerializer, {"wait": "61"})
     assert state == "invalid" and list(errors) == ["wait"]
+
+
+def test_a_partial_body_or_one_with_a_context_gets_fields_of_its_own():
+    partial = TaskSubmitSerializer(data={"priority": 3}, partial=True)
+    assert partial.is_valid(), partial.errors  # no toolName needed, and no defaults filled in
+    assert dict(partial.validated_data) == {"priority": 3}
+    assert partial.fields is not TaskSubmitSerializer().fields
+    with_context = TaskSubmitSerializer(data={"toolName": "echo"}, context={"request": None})
+    assert with_context.fields is with_context.fields  # built once for the instance
+    assert with_context.fields is not TaskSubmitSerializer().fields
+    assert TaskSubmitSerializer().fields is TaskSubmitSerializer().fields
