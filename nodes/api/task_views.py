@@ -2,8 +2,9 @@
 
 Staff, or users with the ``nodes.add_task`` permission, by DRF token or session.
 ``wait=<seconds>`` polls the database (the truth; several hub processes may share
-it) until the task ends. Django runs every sync request in a thread of its own
-under ASGI, so a waiting request holds only that thread, never the consumers'.
+it) until the task ends. Every request runs in a thread of its own (apexbridge/asgi.py:
+a pool that starts a thread whenever all are busy), so a waiting request holds only
+that thread, never the consumers' nor another request's.
 """
 
 from __future__ import annotations

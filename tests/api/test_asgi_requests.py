@@ -5,6 +5,7 @@ and each request must still finish (its database connection closed) in its threa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -190,3 +191,17 @@ def test_importing_the_application_in_a_set_up_process_keeps_its_logging():
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
+
+
+async def test_a_request_waiting_for_its_task_does_not_hold_up_other_requests(staff_token):
+    key = await database_sync_to_async(staff_token)()
+    headers = [(b"authorization", f"Token {key}".encode()), (b"content-type", b"application/json")]
+    body = json.dumps({"toolName": "echo"}).encode()  # no node: it stays queued
+    waiting = asyncio.create_task(request("POST", "/api/tasks?wait=3", body=body, headers=headers))
+    await asyncio.sleep(0.3)  # it has submitted and is waiting now
+    others = await asyncio.gather(*(request("GET", "/api/tasks/none", headers=headers) for _ in range(3)))
+    assert [status for status, _, _ in others] == [404, 404, 404]
+    assert not waiting.done()  # the others were answered while it waited
+    status, _, answer = await waiting
+    assert status == 201
+    assert json.loads(answer)["task"]["status"] == "queued"
