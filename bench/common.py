@@ -45,11 +45,12 @@ LOADGEN = ROOT / "bench" / "loadgen.py"
 CORES = os.cpu_count() or 1
 HUB_CPUS = {0} if CORES >= 2 else None
 LOAD_CPUS = {1} if CORES >= 2 else None
-BACKENDS = ["embedded", "services", "services-pool"]
+BACKENDS = ["embedded", "services", "services-pool", "services-persistent"]
 BACKEND_LABELS = {
     "embedded": "SQLite, in-memory layer",
     "services": "PostgreSQL + Redis",
     "services-pool": "PostgreSQL (psycopg pool) + Redis",
+    "services-persistent": "PostgreSQL (persistent connections) + Redis",
 }
 POOL_SIZE = 20
 # A benchmark hub keeps the default (slow) liveness timings: nothing should go offline.
@@ -237,6 +238,8 @@ class Bench:
         extra = dict(BENCH_ENV)
         if backend == "services-pool":  # PostgreSQL through Django's psycopg pool
             backend, extra["APEXBRIDGE_DB_POOL_SIZE"] = "services", str(POOL_SIZE)
+        elif backend == "services-persistent":  # PostgreSQL, connections kept per thread
+            backend, extra["APEXBRIDGE_DB_CONN_MAX_AGE"] = "services", "60"
         extra.update(env or {})
         if backend == "services":
             if not services_available():

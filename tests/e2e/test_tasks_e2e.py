@@ -453,3 +453,40 @@ async def test_with_the_connection_pool_waiting_requests_do_not_starve_the_hub(m
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)
             ).fetchone()
         assert 1 <= connections <= 3
+
+
+async def test_with_persistent_connections_threads_reuse_theirs_and_survive_losing_them(make_hub):
+    # Given a hub on PostgreSQL keeping each thread's connection (APEXBRIDGE_DB_CONN_MAX_AGE)
+    hub = make_hub("services", env={"APEXBRIDGE_DB_CONN_MAX_AGE": "60"})
+    worker = Worker(hub, "persist-1", max_concurrent=5)
+    token = hub.staff_token()
+    database = hub.env["DATABASE_URL"].rsplit("/", 1)[1]
+    admin_url = hub.env["DATABASE_URL"].rsplit("/", 1)[0] + "/postgres"
+
+    def backends() -> set[int]:
+        with psycopg.connect(admin_url) as admin:
+            rows = admin.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,))
+            return {pid for (pid,) in rows.fetchall()}
+
+    async def run_tasks(count: int) -> None:
+        for _ in range(count):
+            status, reply = await hub.aapi("POST", "/api/tasks?wait=10", {"toolName": "echo"}, token=token)
+            assert status == 200, reply
+            assert reply["task"]["status"] == "succeeded", reply
+
+    async with workers(worker):
+        # When tasks run one after another, twice
+        await run_tasks(10)
+        first = backends()
+        await run_tasks(10)
+        # Then the second round ran on connections the first one opened (not one per
+        # unit of work), and they stay few
+        assert first & backends()
+        assert len(backends()) <= 10
+        # When PostgreSQL drops every connection of the hub (a restart, a fail-over)
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,)
+            )
+        # Then the next tasks still run: each connection is checked before it is reused
+        await run_tasks(5)

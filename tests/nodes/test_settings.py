@@ -124,3 +124,14 @@ def test_a_hub_process_applies_the_configured_gc_threshold(settings):
         assert gc.get_threshold() == before
     finally:
         gc.set_threshold(*before)
+
+
+def test_the_pool_and_persistent_connections_together_are_a_clear_error():
+    result = manage(
+        "check",
+        DATABASE_URL="postgres://root@127.0.0.1:5432/unused",
+        APEXBRIDGE_DB_POOL_SIZE="5",
+        APEXBRIDGE_DB_CONN_MAX_AGE="60",
+    )
+    assert result.returncode != 0
+    assert "set one of them, not both" in result.stderr
