@@ -1,6 +1,7 @@
 """Tasks through one hub process: round trip (submit -> task_assign -> task_result
 -> result visible) one at a time, and throughput with ``--nodes`` nodes answering
-at once, on SQLite and on PostgreSQL + Redis (without and with the psycopg pool).
+at once, on SQLite and on PostgreSQL + Redis (without and with the psycopg pool; with
+persistent connections: ``services-persistent``).
 
     .venv/bin/python bench/bench_tasks.py --tasks 10000 --nodes 10 --runs 3 \
         --backends embedded services services-pool
