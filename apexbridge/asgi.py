@@ -13,7 +13,7 @@ from django.apps import apps
 from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 from django.http import FileResponse
 from django.urls import set_script_prefix
 
@@ -23,7 +23,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "apexbridge.settings")
 if not apps.ready:  # set up already (tests, a management command): not again, which
     django.setup(set_prefix=False)  # would configure logging anew mid-run
 
-REQUEST_THREADS = ElasticThreadPool("apexbridge-http")
+# A thread that ends closes its database connections (kept ones, with
+# APEXBRIDGE_DB_CONN_MAX_AGE): left to the garbage collector they stay open for long.
+REQUEST_THREADS = ElasticThreadPool("apexbridge-http", on_exit=connections.close_all)
 
 
 class OneHopASGIHandler(ASGIHandler):
@@ -77,7 +79,7 @@ class OneHopASGIHandler(ASGIHandler):
             if isinstance(response, FileResponse):
                 response.block_size = self.chunk_size
         if response.streaming:  # its body is read, and it is closed, in other hops
-            close_old_connections()  # what the middleware and the view opened here
+            close_old_connections()  # what the middleware and the view opened here (or checked)
         else:  # its body is in memory: finish the request here
             response.close()
         return response

@@ -146,14 +146,32 @@ else:
     }
 # Persistent connections (PostgreSQL only, opt-in): every thread that touches the
 # database is a long-lived one (the consumers' database thread, the HTTP request
-# threads of apexbridge/threads.py), so a connection kept for APEXBRIDGE_DB_CONN_MAX_AGE
-# seconds is reused by that thread instead of opened per unit of work (~2.5 ms here),
-# checked before each reuse (CONN_HEALTH_CHECKS), and closed with its thread.
+# threads of apexbridge/threads.py, which close theirs when they end), so a thread
+# reuses its connection instead of opening one per unit of work (~2.5 ms here), until
+# it is APEXBRIDGE_DB_CONN_MAX_AGE seconds old (checked at the start and end of each
+# unit of work), checked with an empty query before each reuse (CONN_HEALTH_CHECKS).
+# TCP keepalives and a user timeout make a connection to a server that vanished (a
+# fail-over to another host) fail within seconds, not after the kernel's ~15 min of
+# retransmissions; a reconnect gives up after 5 s.
 APEXBRIDGE_DB_CONN_MAX_AGE = env_int("APEXBRIDGE_DB_CONN_MAX_AGE", 0)
 DATABASES["default"]["CONN_MAX_AGE"] = 0
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and APEXBRIDGE_DB_CONN_MAX_AGE > 0:
     DATABASES["default"]["CONN_MAX_AGE"] = APEXBRIDGE_DB_CONN_MAX_AGE
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    _options = DATABASES["default"].setdefault("OPTIONS", {})
+    for _name, _value in {
+        "connect_timeout": 5,
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 15000,
+    }.items():
+        _options.setdefault(_name, _value)
+elif APEXBRIDGE_DB_CONN_MAX_AGE < 0:
+    raise ImproperlyConfigured(
+        f"APEXBRIDGE_DB_CONN_MAX_AGE must be 0 or more, got {APEXBRIDGE_DB_CONN_MAX_AGE}"
+    )
 # PostgreSQL: Django's psycopg pool (one per process), off unless
 # APEXBRIDGE_DB_POOL_SIZE > 0. Under ASGI every unit of work opens and closes a
 # connection (CONN_MAX_AGE = 0); with the pool that is a checkout instead of a TCP

@@ -20,9 +20,14 @@ from typing import Any
 
 
 class ElasticThreadPool(Executor):
-    def __init__(self, name: str, *, idle_s: float = 60.0) -> None:
+    """``on_exit`` runs in each thread as it ends (the HTTP pool closes the thread's
+    database connections there: a thread's Django connection is in a reference cycle,
+    so it would stay open until a garbage collection)."""
+
+    def __init__(self, name: str, *, idle_s: float = 60.0, on_exit: Callable[[], None] | None = None) -> None:
         self._name = name
         self._idle_s = idle_s
+        self.on_exit = on_exit
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         # Threads not running a call, less the calls queued for them: a call is put in
@@ -60,6 +65,13 @@ class ElasticThreadPool(Executor):
             self._shut_down = True
 
     def _work(self) -> None:
+        try:
+            self._take_calls()
+        finally:
+            if self.on_exit is not None:
+                self.on_exit()
+
+    def _take_calls(self) -> None:
         while True:
             try:
                 future, fn, args, kwargs = self._calls.get(timeout=self._idle_s)
@@ -70,13 +82,19 @@ class ElasticThreadPool(Executor):
                         self._threads -= 1
                         return
                 continue
-            if future.set_running_or_notify_cancel():
-                try:
-                    result = fn(*args, **kwargs)
-                except BaseException as exc:  # the caller gets it, as from ThreadPoolExecutor
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
-            del future, fn, args, kwargs  # nothing of the call outlives it while idle
+            if not future.set_running_or_notify_cancel():
+                with self._lock:
+                    self._idle += 1
+                continue
+            try:
+                result, error = fn(*args, **kwargs), None
+            except BaseException as exc:  # the caller gets it, as from ThreadPoolExecutor
+                result, error = None, exc
+            # Idle before the caller hears of it: its next call finds this thread.
             with self._lock:
                 self._idle += 1
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+            del future, fn, args, kwargs, result, error  # nothing of the call outlives it

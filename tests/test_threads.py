@@ -4,10 +4,12 @@ others), idle threads are reused, and threads idle for a while end."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import pytest
+from asgiref.sync import sync_to_async
 
 from apexbridge.threads import ElasticThreadPool
 
@@ -65,3 +67,26 @@ def test_no_call_is_taken_after_shutdown():
     pool.shutdown()
     with pytest.raises(RuntimeError):
         pool.submit(print)
+
+
+def test_a_thread_that_ends_runs_the_exit_hook_in_itself():
+    ended = []
+    pool = ElasticThreadPool("t", idle_s=0.05, on_exit=lambda: ended.append(threading.current_thread().name))
+    worker = pool.submit(lambda: threading.current_thread().name).result(timeout=5)
+    assert wait_until(lambda: pool.threads == 0)
+    assert ended == [worker]
+
+
+def test_back_to_back_calls_from_one_caller_need_one_thread():
+    """A call's thread is idle again before its caller hears the result, so the
+    caller's next call does not start another thread (each would hold a database
+    connection with persistent connections)."""
+    pool = ElasticThreadPool("t")
+    call = sync_to_async(lambda: None, thread_sensitive=False, executor=pool)  # as the handler calls
+
+    async def one_after_another() -> None:
+        for _ in range(2000):
+            await call()
+
+    asyncio.run(one_after_another())
+    assert pool.threads == 1

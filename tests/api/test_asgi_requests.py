@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from channels.db import database_sync_to_async
@@ -22,7 +23,8 @@ from django.db.backends.signals import connection_created
 from django.http import StreamingHttpResponse
 from rest_framework.authtoken.models import Token
 
-from apexbridge.asgi import OneHopASGIHandler, application
+from apexbridge.asgi import REQUEST_THREADS, OneHopASGIHandler, application
+from apexbridge.threads import ElasticThreadPool
 from nodes.models import Task
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -205,3 +207,22 @@ async def test_a_request_waiting_for_its_task_does_not_hold_up_other_requests(st
     status, _, answer = await waiting
     assert status == 201
     assert json.loads(answer)["task"]["status"] == "queued"
+
+
+def test_a_request_thread_that_ends_closes_its_database_connection():
+    """With persistent connections a request thread keeps its connection between
+    requests; when the thread ends (idle), the connection must close with it, not
+    wait for a garbage collection (a Django connection is in a reference cycle)."""
+    pool = ElasticThreadPool("t", idle_s=0.05, on_exit=REQUEST_THREADS.on_exit)
+
+    def query():
+        Task.objects.exists()
+        return connections["default"]  # this thread's
+
+    used = pool.submit(query).result(timeout=5)
+    assert used.connection is not None  # open, as a kept connection would be
+    deadline = time.monotonic() + 5
+    while pool.threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool.threads == 0
+    assert used.connection is None
