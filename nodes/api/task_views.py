@@ -130,7 +130,25 @@ class TaskDetailView(APIView):
     )
     def get(self, request, task_id: str):
         wait_s = _wait_seconds(request)
-        return Response(_envelope(_wait_for_end(_task_or_404(task_id), wait_s)))
+        if wait_s <= 0:
+            return Response(_envelope(_task_or_404(task_id)))
+        # One read per wake-up, the first one included: the waiter registers before it
+        # reads, so the first read is already the one a task that ends meanwhile wakes.
+        last: list[Task] = []
+
+        def load() -> Task:
+            task = selectors.task_get(task_id=task_id)
+            if task is None:
+                if not last:
+                    raise ApiError(404, "task_not_found", f"No task {task_id!r}")
+                return last[0]  # pruned while waited for: its last state
+            last[:] = [task]
+            return task
+
+        task = task_waiters.wait_until_final(
+            task_id, wait_s, load=load, is_final=lambda current: current.is_final
+        )
+        return Response(_envelope(task))
 
 
 class TaskCancelView(APIView):

@@ -16,7 +16,7 @@ from django.core.management.base import CommandError
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from nodes import task_result_services, task_services
+from nodes import selectors, task_result_services, task_services, task_waiters
 from nodes.models import Node, Task
 
 
@@ -285,3 +285,26 @@ def test_submit_task_command_exits_non_zero_when_the_task_failed(capsys):
         call_command("submit_task", "echo", "--depends-on", first.task_id, "--wait", "5")
     assert exited.value.code == 2
     assert json.loads(capsys.readouterr().out)["error"]["code"] == "dependency_failed"
+
+
+@pytest.mark.django_db
+def test_get_with_wait_reads_the_task_only_while_registered_to_be_woken(staff, monkeypatch):
+    """A read made before the request registers to be woken would miss a task that
+    ends between that read and the wait (and costs a read): every read of a waiting
+    GET happens while it is registered."""
+    task_id = staff.post("/api/tasks", {"toolName": "echo"}, format="json").json()["task"]["taskId"]
+    reads = []
+    original = selectors.task_get
+
+    def counted(**kwargs):
+        reads.append((kwargs["task_id"], kwargs["task_id"] in task_waiters._waiting))
+        return original(**kwargs)
+
+    monkeypatch.setattr(selectors, "task_get", counted)
+    response = staff.get(f"/api/tasks/{task_id}?wait=0.05")  # still queued when it runs out
+    missing = staff.get("/api/tasks/t-nope?wait=10")
+    assert response.status_code == 200 and response.json()["task"]["status"] == "queued"
+    assert reads and all(registered for _, registered in reads), reads
+    assert reads[-1] == ("t-nope", True) and [r for r in reads if r[0] == "t-nope"] == [("t-nope", True)]
+    assert_error(missing, 404, "task_not_found")
+    assert "t-nope" not in task_waiters._waiting  # the 404 left nothing registered
