@@ -135,3 +135,12 @@ def test_the_pool_and_persistent_connections_together_are_a_clear_error():
     )
     assert result.returncode != 0
     assert "set one of them, not both" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["-5", "sixty"])
+def test_a_bad_persistent_connection_age_is_a_clear_error(value):
+    result = manage(
+        "check", DATABASE_URL="postgres://root@127.0.0.1:5432/unused", APEXBRIDGE_DB_CONN_MAX_AGE=value
+    )
+    assert result.returncode != 0
+    assert "APEXBRIDGE_DB_CONN_MAX_AGE must be" in result.stderr
